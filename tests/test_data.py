@@ -1,0 +1,140 @@
+"""Task data: arith generation and the math loaders on small files in every supported schema."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from online_sft import (
+    DAPO_TEMPLATE,
+    Args,
+    ConfigError,
+    arith_data,
+    last_integer,
+    load_table,
+    math_data,
+    math_rows,
+    overlong_penalty,
+    render_prompt,
+    validate_args,
+)
+
+DAPO_PROMPT = 'Solve ... Answer: $Answer ...\n\n{}\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+def write_dapo(path, n_unique=5, copies=3):
+    rows = []
+    for i in range(n_unique):
+        for _ in range(copies):  # the real file repeats each prompt ~100 times
+            rows.append(
+                {
+                    "data_source": "math_dapo",
+                    "prompt": [{"role": "user", "content": DAPO_PROMPT.format(f"{i}+{i}")}],
+                    "ability": "MATH",
+                    "reward_model": {"ground_truth": str(2 * i), "style": "rule-lighteval/MATH_v2"},
+                    "extra_info": {"index": f"id-{i}"},
+                }
+            )
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_arith_eval_and_train_never_overlap():
+    args = Args(eval_size=50, arith_digits=1, arith_ops="+")
+    eval_rows, sampler = arith_data(args)
+    eval_questions = {r["content"] for r in eval_rows}
+    assert len(eval_questions) == 50
+    train = sampler.sample(2000)
+    assert not eval_questions & {r["content"] for r in train}
+    assert len({r["content"] for r in train}) == 50  # the other half of the 100 one-digit sums, all reachable
+    for r in train[:100]:
+        a, b = (int(x) for x in r["content"].removeprefix("What is ").split("?")[0].split(" + "))
+        assert int(r["answer"]) == a + b
+
+
+def test_arith_difficulty_and_seed():
+    hard = arith_data(Args(arith_digits=3, arith_ops="-*", eval_size=10))[1].sample(200)
+    assert any(int(r["answer"]) < 0 for r in hard) and any(int(r["answer"]) > 999 for r in hard)
+    assert all(" + " not in r["content"] for r in hard)
+    assert arith_data(Args(seed=3))[0] == arith_data(Args(seed=3))[0]
+    assert arith_data(Args(seed=3))[0] != arith_data(Args(seed=4))[0]
+
+
+def test_last_integer():
+    assert last_integer("3 + 4 = 7") == "7"
+    assert last_integer("The answer is -12.") == "-12"
+    assert last_integer("about 1,200 apples") == "1200"
+    assert last_integer("no digits") is None
+
+
+def test_dapo_parquet_is_deduplicated(tmp_path):
+    path = write_dapo(tmp_path / "dapo.parquet", n_unique=5, copies=3)
+    rows, bad = math_rows(load_table(str(path), "train"), str(path))
+    assert len(rows) == 5 and bad == 0
+    assert rows[2] == {"content": DAPO_PROMPT.format("2+2"), "answer": "4"}
+
+
+def test_gsm8k_jsonl(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+                {"question": "Half of 1,000?", "answer": "1000/2 = 500\n#### 500"},
+                {"question": "No final answer", "answer": "just reasoning"},  # a bad row: counted, skipped
+            ]
+        )
+    )
+    rows, bad = math_rows(load_table(str(path), "train"), str(path))
+    assert [r["answer"] for r in rows] == ["7", "500"] and bad == 1
+    assert rows[0]["content"] == DAPO_TEMPLATE.format(problem="Tom has 3 apples and buys 4. How many?")
+
+
+def test_problem_answer_json_and_heldout_split(tmp_path):
+    path = tmp_path / "math500.json"
+    path.write_text(
+        json.dumps([{"problem": f"What is {i} squared?", "answer": str(i * i), "level": 1} for i in range(40)])
+    )
+    eval_rows, sampler, stats = math_data(Args(task="math", dataset_name=str(path), eval_size=8))
+    assert stats["data/train_rows"] == 32 and stats["data/eval_rows"] == 8
+    train = {r["content"] for r in sampler.sample(100)}
+    assert len(train) == 32 and not train & {r["content"] for r in eval_rows}
+
+
+def test_missing_column_names_the_schemas(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
+    with pytest.raises(ConfigError, match=r"match no known schema.*GSM8K"):
+        math_rows(load_table(str(path), "train"), str(path))
+
+
+def test_bad_args_fail_before_loading_anything(tmp_path):
+    cases = [
+        (Args(task="chess"), "unknown --task"),
+        (Args(task="math", dataset_name=str(tmp_path / "missing.parquet")), "no such file"),
+        (Args(per_device_train_batch_size=3, gradient_accumulation_steps=1, num_generations=2), "multiple of"),
+        (Args(response_length=0), "--response_length must be > 0"),
+        (Args(total_episodes=8), "less than one step"),
+        (Args(eval_size=80), "too few training questions"),
+        (Args(temperature=0.0), "--temperature must be > 0"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            validate_args(args)
+
+
+def test_render_prompt_uses_the_chat_template_when_there_is_one(tiny_model_dir, tiny_model_dir_no_template):
+    from transformers import AutoTokenizer
+
+    chat = AutoTokenizer.from_pretrained(tiny_model_dir)
+    raw = AutoTokenizer.from_pretrained(tiny_model_dir_no_template)
+    assert chat.decode(render_prompt(chat, "What is 1 + 2?")) == "<|user|>What is 1 + 2?\n<|assistant|>"
+    assert raw.decode(render_prompt(raw, "What is 1 + 2?")) == "What is 1 + 2?"
+
+
+def test_overlong_penalty():
+    import torch
+
+    penalty = overlong_penalty(torch.tensor([10.0, 24.0, 28.0, 32.0]), max_len=32, buffer=8, factor=1.0)
+    assert penalty.tolist() == [0.0, 0.0, -0.5, -1.0]

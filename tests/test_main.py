@@ -1,0 +1,137 @@
+"""main() end to end on a tiny random model, the command line, and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from online_sft import Args, ConfigError, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(model_dir, tmp_path, **kw) -> Args:
+    base = dict(
+        model_name_or_path=str(model_dir),
+        output_dir=str(tmp_path),
+        run_name="run",
+        total_episodes=24,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        response_length=6,
+        eval_size=6,
+        eval_every=2,
+        learning_rate=1e-3,
+    )
+    return Args(**{**base, **kw})
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_main_arith_leaves_a_complete_run_folder(tiny_model_dir, tmp_path):
+    run_dir = main(tiny_args(tiny_model_dir, tmp_path))
+    assert run_dir == tmp_path / "run"
+    assert json.loads((run_dir / "args.json").read_text())["total_episodes"] == 24
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "train/accuracy" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert [r["step"] for r in evals] == [0, 2, 3]  # before training, every eval_every steps, after the last
+    assert train[-1]["episodes"] == 24
+    for key in (
+        "train/reward_mean",
+        "train/reward_std",
+        "train/kl",
+        "train/s_mean",
+        "train/w_mean",
+        "train/grad_norm",
+        "train/response_length",
+        "train/lr",
+        "time/generate",
+        "time/score",
+        "time/train",
+        "perf/generated_tokens_per_s",
+        "reward/no_answer",
+    ):
+        assert all(math.isfinite(r[key]) for r in train), key
+    assert train[0]["train/grad_norm"] > 0
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    samples = [json.loads(line) for line in (run_dir / "eval_samples" / "step_000003.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"prompt", "response", "reward"} <= set(samples[0])
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), before.parameters()))  # it trained
+    assert AutoTokenizer.from_pretrained(run_dir / "model").eos_token == "<|endoftext|>"
+
+
+def test_main_math_with_filtering_and_overlong_penalty(tiny_model_dir_no_template, tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"so\n#### {i + 1}"}) for i in range(30))
+    )
+    args = tiny_args(
+        tiny_model_dir_no_template,
+        tmp_path,
+        task="math",
+        dataset_name=str(data),
+        filter_groups=True,
+        max_filter_retries=1,
+        apply_overlong_penalty=True,
+        overlong_buffer_len=2,
+        eval_every=10,
+    )
+    run_dir = main(args)
+    rows = read_metrics(run_dir)
+    assert any(r.get("data/train_rows") == 24 for r in rows)
+    # A random model never answers: every group has equal rewards unless the overlong penalty splits it.
+    for r in (r for r in rows if "filter/groups_dropped" in r):
+        assert r["filter/generation_rounds"] <= 2
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+
+
+def test_help_says_what_an_episode_is():
+    out = subprocess.run(
+        [sys.executable, "online_sft.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "One episode is one (prompt, sampled response) pair" in out
+    for flag in ("--total-episodes", "--num-generations", "--normalize-logprob-by-length", "--filter-groups"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--task", "chess"], "unknown --task 'chess'"),
+        (["--task", "math", "--dataset_name", "nope/missing.parquet"], "no such file"),
+        (
+            ["--per_device_train_batch_size", "3", "--num_generations", "4", "--gradient_accumulation_steps", "1"],
+            "must be a multiple of --num_generations",
+        ),
+        (["--response_length", "0"], "--response_length must be > 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(flags, message):
+    result = subprocess.run(
+        [sys.executable, "online_sft.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_unloadable_model_and_missing_column(tmp_path):
+    with pytest.raises(ConfigError, match="could not load model"):
+        main(Args(model_name_or_path=str(tmp_path), output_dir=str(tmp_path), total_episodes=32))
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt_text": "1+1", "label": "2"}) + "\n")
+    with pytest.raises(ConfigError, match="match no known schema"):
+        main(Args(task="math", dataset_name=str(data), output_dir=str(tmp_path)))
+    assert not (tmp_path / "runs").exists()
