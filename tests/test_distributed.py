@@ -1,0 +1,176 @@
+"""torchrun on CPU with gloo: 2 ranks equal 1 process, main() end to end, failing ranks, and the vLLM glue that can
+be tested without a GPU. (vLLM itself and NCCL need a GPU: bench/gpu_check.py.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from online_sft import ConfigError, decoder_layers, vllm_outputs_to_tensors, vllm_requests, vllm_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def run(cmd, timeout=300, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
+def test_two_ranks_give_the_same_step_as_one_process(tiny_model_dir, tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    driver = str(ROOT / "tests" / "dist_train_step.py")
+    for cmd, out in (([sys.executable], one), (TORCHRUN, two)):
+        result = run([*cmd, driver, str(tiny_model_dir), str(out)])
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b["s"], a["s"], rtol=1e-6, atol=1e-6)
+    for name, grad in a["grads"].items():  # the sharded gradients, gathered, equal the whole-batch ones
+        torch.testing.assert_close(b["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    for name, weight in a["weights"].items():
+        torch.testing.assert_close(b["weights"][name], weight, rtol=0, atol=1e-6)
+    assert a["grads"]["model.embed_tokens.weight"].abs().max() > 1e-4  # the step did something
+    # what a vLLM push sends: the checkpoint's names (tied lm_head once), unchanged by FSDP2 sharding
+    assert b["names"] == a["names"] and set(a["names"]) == set(a["weights"]) - {"lm_head.weight"}
+
+
+def test_main_on_two_ranks_leaves_the_same_run_folder(tiny_model_dir, tmp_path):
+    flags = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path),
+        "--total_episodes",
+        "48",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--response_length",
+        "6",
+        "--eval_size",
+        "7",
+        "--eval_every",
+        "2",
+        "--learning_rate",
+        "1e-3",
+    ]
+    two = run([*TORCHRUN, "online_sft.py", *flags, "--run_name", "two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run([sys.executable, "online_sft.py", *flags, "--run_name", "one", "--gradient_accumulation_steps", "2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def listing(run_dir):
+        return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if "tfevents" not in p.name)
+
+    assert listing(tmp_path / "two") == listing(tmp_path / "one")
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/accuracy" in r]
+    assert [r["episodes"] for r in train] == [8, 16, 24, 32, 40, 48]  # both ranks' samples, reduced before logging
+    evals = [json.loads(x) for x in (tmp_path / "two" / "eval_samples" / "step_000006.jsonl").read_text().splitlines()]
+    assert len(evals) == 7  # the held-out rows split over the ranks, gathered once each
+    assert "6 steps x 2 ranks x 4 x 1 accumulation = 8 episodes per step" in two.stdout
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model")
+
+
+def test_a_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
+    driver = tmp_path / "fail.py"
+    driver.write_text(
+        "import os, runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import online_sft\n"
+        "real = online_sft.train_on_batch\n"
+        "def train_on_batch(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('rank 1 fails')\n"
+        "    return real(*a, **k)\n"
+        "online_sft.train_on_batch = train_on_batch\n"
+        "import tyro\n"
+        "online_sft.main(tyro.cli(online_sft.Args))\n"
+    )
+    flags = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path),
+        "--total_episodes",
+        "32",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--response_length",
+        "6",
+        "--eval_size",
+        "4",
+    ]
+    result = run([*TORCHRUN, str(driver), *flags], timeout=180)  # rank 0 would wait in a collective forever
+    assert result.returncode != 0
+    assert "rank 1 fails" in result.stderr
+
+
+def test_fsdp_on_an_unknown_layout_is_a_clear_error(tmp_path):
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    with pytest.raises(ConfigError, match="cannot find the decoder layers of Odd"):
+        decoder_layers(Odd())
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    assert len(decoder_layers(LlamaForCausalLM(config))) == 3
+
+
+def test_use_vllm_without_a_gpu_is_one_line_exit_2():
+    result = run([sys.executable, "online_sft.py", "--use_vllm"], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --use_vllm needs a CUDA GPU; drop it to generate with transformers"
+    ]
+
+
+def test_vllm_requests_and_outputs_become_the_trainers_tensors():
+    assert vllm_requests([[1, 2], [3]]) == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
+
+    def output(tokens):  # the fields of vllm.RequestOutput that the trainer reads
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens)])
+
+    EOS, PAD = 2, 0
+    ids, mask = vllm_outputs_to_tensors(
+        [output([5, 6, EOS]), output([7, 8, 9, 10]), output([]), output([EOS])], [EOS], PAD
+    )
+    assert ids.tolist() == [[5, 6, EOS, PAD], [7, 8, 9, 10], [PAD, PAD, PAD, PAD], [EOS, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vllm_weight_names_are_the_checkpoints(tmp_path, tied):
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tied,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    pushed = dict(vllm_weights(model))
+    assert set(pushed) == set(saved) - ({"lm_head.weight"} if tied else set())
+    for name, tensor in pushed.items():
+        torch.testing.assert_close(tensor, saved[name])
