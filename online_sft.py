@@ -1063,7 +1063,8 @@ def main(args: Args) -> Path:
     elif args.task == "math":
         eval_rows, sampler, data_stats = math_data(args)
     else:  # tldr: posts are trimmed to the prompt budget in the policy's tokens
-        eval_rows, sampler, data_stats = tldr_data(args, load_tokenizer(args.model_name_or_path))
+        policy_tokenizer = load_tokenizer(args.model_name_or_path)
+        eval_rows, sampler, data_stats = tldr_data(args, policy_tokenizer)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {
@@ -1073,18 +1074,18 @@ def main(args: Args) -> Path:
         "float16": torch.float16,
     }[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    reward_model = None
+    if args.task == "tldr":  # before the policy, so that a bad reward model fails before the big load
+        t = time.time()
+        reward_model = load_reward_model(args, policy_tokenizer, eval_rows, device, autocast)
+        same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
+        print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
     policy, tokenizer, origin = load_policy(args, device)
     print(f"model: {origin}, loaded in {time.time() - t0:.1f}s")
     ref = copy.deepcopy(policy).requires_grad_(False)
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
-    reward_model = None
-    if args.task == "tldr":
-        t = time.time()
-        reward_model = load_reward_model(args, tokenizer, eval_rows, device, autocast)
-        same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
-        print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
 
     run_dir = Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
     (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)

@@ -314,9 +314,10 @@ def test_a_reward_model_that_likes_a_word_moves_the_policy_toward_it(tmp_path, n
         f"' yes' per summary {yes_per_summary(0):.2f} -> {yes_per_summary(after['step']):.2f}, "
         f"KL {before['eval/kl']:.3f} -> {after['eval/kl']:.3f}"
     )
-    # Seeds 1-8 all gave a ratio of at least 3 and at least 1.1 more " yes" per summary after these 6 steps.
-    assert after["eval/rm_score"] > 2 * before["eval/rm_score"]
-    assert yes_per_summary(after["step"]) > yes_per_summary(0) + 0.5
+    # Seed 1 (this run): 0.025 -> 0.069, 1.25 -> 3.38 " yes" per summary. Seeds 1-10: the score rose 2.4 to 6.9 times
+    # and " yes" per summary by 1.9 to 2.5; the margins below leave room for other CPUs' arithmetic.
+    assert after["eval/rm_score"] > 1.5 * before["eval/rm_score"]
+    assert yes_per_summary(after["step"]) > yes_per_summary(0) + 1.0
     assert after["eval/kl"] > 0
 
 
