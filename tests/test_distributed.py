@@ -174,3 +174,40 @@ def test_vllm_weight_names_are_the_checkpoints(tmp_path, tied):
     assert set(pushed) == set(saved) - ({"lm_head.weight"} if tied else set())
     for name, tensor in pushed.items():
         torch.testing.assert_close(tensor, saved[name])
+
+
+def test_tldr_on_two_ranks_shards_gpt_neox(neox_policy_dir, neox_reward_dir, tldr_files, tmp_path):
+    flags = [
+        "--task",
+        "tldr",
+        "--model_name_or_path",
+        str(neox_policy_dir),
+        "--reward_model_path",
+        str(neox_reward_dir),
+        "--dataset_name",
+        str(tldr_files[0]),
+        "--eval_dataset_name",
+        str(tldr_files[1]),
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "tldr",
+        "--eval_size",
+        "5",
+        "--response_length",
+        "6",
+        "--total_episodes",
+        "32",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+    ]
+    result = run([*TORCHRUN, "online_sft.py", *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "tldr" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episodes"] for r in rows if "train/reward_mean" in r] == [16, 32]
+    evals = [r for r in rows if "eval/rm_score" in r]
+    assert len(evals) == 2 and all(r["eval/kl"] == r["eval/kl"] for r in evals)  # before and after, not NaN
+    samples = (tmp_path / "tldr" / "eval_samples" / "step_000002.jsonl").read_text().splitlines()
+    assert len(samples) == 5
