@@ -344,7 +344,8 @@ def validate_args(args: Args, world: int = 1) -> dict:
 
 
 def looks_like_file(name: str) -> bool:
-    return name.endswith((".parquet", ".json", ".jsonl")) or os.path.sep in name or name.startswith(".")
+    """A local file rather than a hub dataset name (which has a "/" too: owner/name)."""
+    return name.endswith((".parquet", ".json", ".jsonl")) or name.startswith((".", "/", "~"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,19 @@ def test_unloadable_model_and_missing_column(tmp_path):
     with pytest.raises(ConfigError, match="match no known schema"):
         main(Args(task="math", dataset_name=str(data), output_dir=str(tmp_path)))
     assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_hub_dataset_is_one_clear_error():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # what a machine without the hub sees, without the network retries
+    result = subprocess.run(
+        [sys.executable, "online_sft.py", "--task", "math", "--dataset_name", "someone/missing-dataset"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not load dataset 'someone/missing-dataset'"), result.stderr[-2000:]
