@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_sft import Args, ConfigError, main
@@ -152,3 +153,23 @@ def test_unreachable_hub_dataset_is_one_clear_error():
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not load dataset 'someone/missing-dataset'"), result.stderr[-2000:]
+
+
+def test_gradient_checkpointing_changes_memory_not_the_update(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for flag in (False, True):
+        run_dir = main(
+            tiny_args(
+                tiny_model_dir,
+                tmp_path,
+                run_name=f"gc{flag}",
+                total_episodes=8,
+                eval_size=2,
+                gradient_checkpointing=flag,
+            )
+        )
+        runs[flag] = load_file(run_dir / "model" / "model.safetensors")
+    for name, weight in runs[False].items():
+        assert torch.allclose(runs[True][name], weight, atol=1e-6), name
