@@ -1561,6 +1561,7 @@ def main(args: Args) -> Path:
         policy, tokenizer, _ = load_policy(str(checkpoint), device)
         origin = f"{checkpoint} (reference: {origin})"
     if args.gradient_checkpointing:
+        # deprecated in transformers 5.24 for activation_checkpointing_enable, which 5.20 (vLLM's pin) lacks
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world > 1:
         policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
