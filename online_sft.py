@@ -813,6 +813,8 @@ def sequence_logprobs(
         targets = input_ids[:, start:]
         token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
         return (token_logprobs * response_mask[:, start:]).sum(-1)
+    if any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules()):
+        group_size = 1  # a layer recomputed in the backward would append its keys to the shared cache a second time
     backbone, head = model.base_model, model.get_output_embeddings()
     with autocast or nullcontext():
         if group_size == 1:
@@ -1344,6 +1346,15 @@ def load_policy(source: str, device: torch.device):
     return model, tokenizer, origin
 
 
+def enable_gradient_checkpointing(model):
+    # deprecated in transformers 5.24 for activation_checkpointing_enable, which 5.20 (vLLM's pin) lacks
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers checkpoints a layer only while that layer is in training mode: flag the layers alone, so that
+    # dropout (in their submodules) stays off and the log-probs stay those of the policy we sample from.
+    for layer in decoder_layers(model):
+        layer.training = True
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -1691,8 +1702,7 @@ def main(args: Args) -> Path:
         policy, tokenizer, _ = load_policy(str(checkpoint), device)
         origin = f"{checkpoint} (reference: {origin})"
     if args.gradient_checkpointing:
-        # deprecated in transformers 5.24 for activation_checkpointing_enable, which 5.20 (vLLM's pin) lacks
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(policy)
     if world > 1:
         policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
     eos_ids = eos_token_ids(policy, tokenizer)

@@ -11,7 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_sft import Args, ConfigError, main
+from online_sft import (
+    Args,
+    ConfigError,
+    decoder_layers,
+    enable_gradient_checkpointing,
+    main,
+    pack,
+    sequence_logprobs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,21 +163,22 @@ def test_unreachable_hub_dataset_is_one_clear_error():
     assert last.startswith("error: could not load dataset 'someone/missing-dataset'"), result.stderr[-2000:]
 
 
-def test_gradient_checkpointing_changes_memory_not_the_update(tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    runs = {}
+def test_gradient_checkpointing_recomputes_and_keeps_the_gradient(tiny_model_dir):
+    """The flag really checkpoints (each layer runs again in the backward) and the gradient is unchanged."""
+    batch = [{"prompt": [5, 6, 7], "response": [8, 9, 0]}, {"prompt": [5, 6, 7], "response": [10, 0]}]
+    grads, calls = {}, {}
     for flag in (False, True):
-        run_dir = main(
-            tiny_args(
-                tiny_model_dir,
-                tmp_path,
-                run_name=f"gc{flag}",
-                total_episodes=8,
-                eval_size=2,
-                gradient_checkpointing=flag,
-            )
-        )
-        runs[flag] = load_file(run_dir / "model" / "model.safetensors")
-    for name, weight in runs[False].items():
-        assert torch.allclose(runs[True][name], weight, atol=1e-6), name
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        if flag:
+            enable_gradient_checkpointing(model)
+        layer = decoder_layers(model)[0]
+        calls[flag] = 0
+
+        def count(*_, flag=flag):
+            calls[flag] += 1
+
+        layer.self_attn.register_forward_hook(count)  # (the recompute stops early, before the MLP)
+        sequence_logprobs(model, *pack(batch, pad_id=0)).sum().backward()
+        grads[flag] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert calls == {False: 1, True: 2}
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
