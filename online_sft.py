@@ -482,6 +482,17 @@ def math_rows(table, name: str) -> tuple[list[dict], int]:
     return rows, bad
 
 
+def hold_out(train: list[dict], args: Args, name: str) -> tuple[list[dict], list[dict]]:
+    """A fixed slice of eval_size shuffled training rows, never trained on. -> (eval rows, training rows)."""
+    random.Random(args.seed).shuffle(train)
+    if len(train) < 2 * args.eval_size:
+        raise ConfigError(
+            f"{name}: {len(train)} unique rows is too few to hold out --eval_size {args.eval_size}; "
+            "lower it or pass --eval_dataset_name"
+        )
+    return train[: args.eval_size], train[args.eval_size :]
+
+
 def math_data(args: Args, rank: int = 0, world: int = 1) -> tuple[list[dict], ListSampler, dict]:
     name = args.dataset_name or DAPO_DATASET
     train, bad = math_rows(load_table(name, args.dataset_split), name)
@@ -490,14 +501,8 @@ def math_data(args: Args, rank: int = 0, world: int = 1) -> tuple[list[dict], Li
             load_table(args.eval_dataset_name, args.eval_dataset_split), args.eval_dataset_name
         )
         eval_rows = eval_rows[: args.eval_size]
-    else:  # hold out a fixed slice of the shuffled training prompts
-        random.Random(args.seed).shuffle(train)
-        if len(train) < 2 * args.eval_size:
-            raise ConfigError(
-                f"{name}: {len(train)} unique rows is too few to hold out --eval_size {args.eval_size}; "
-                "lower it or pass --eval_dataset_name"
-            )
-        eval_rows, train, bad_eval = train[: args.eval_size], train[args.eval_size :], 0
+    else:
+        (eval_rows, train), bad_eval = hold_out(train, args, name), 0
     stats = {"data/train_rows": len(train), "data/eval_rows": len(eval_rows), "data/bad_rows": bad + bad_eval}
     return eval_rows, ListSampler(train[rank::world], args.seed + rank), stats  # each rank its own share
 
@@ -565,13 +570,7 @@ def tldr_data(args: Args, tokenizer, rank: int = 0, world: int = 1) -> tuple[lis
     if eval_name:
         eval_rows, bad_eval = tldr_rows(load_table(eval_name, args.eval_dataset_split), eval_name)
     else:
-        random.Random(args.seed).shuffle(train)
-        if len(train) < 2 * args.eval_size:
-            raise ConfigError(
-                f"{name}: {len(train)} rows is too few to hold out --eval_size {args.eval_size}; "
-                "lower it or pass --eval_dataset_name"
-            )
-        eval_rows, train, bad_eval = train[: args.eval_size], train[args.eval_size :], 0
+        (eval_rows, train), bad_eval = hold_out(train, args, name), 0
     eval_rows = [trim_post(tokenizer, r, args.max_prompt_length) for r in eval_rows[: args.eval_size]]
     stats = {"data/train_rows": len(train), "data/eval_rows": len(eval_rows), "data/bad_rows": bad + bad_eval}
     return eval_rows, TldrSampler(train[rank::world], args.seed + rank, tokenizer, args.max_prompt_length), stats
