@@ -735,26 +735,30 @@ def generate(
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache, eos, tokens = DynamicCache(config=model.config), torch.tensor(eos_ids, device=device), []
+    cache, eos = DynamicCache(config=model.config), torch.tensor(eos_ids, device=device)
     with autocast:  # one region for the whole loop: autocast casts the weights to bf16 once, not once per token
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1)
         logits = logits.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
         cache.batch_repeat_interleave(num_samples)
         mask, position = mask.repeat_interleave(num_samples, 0), position[:, -1:].repeat_interleave(num_samples, 0)
-        done = torch.zeros(len(logits), dtype=torch.bool, device=device)
+        tokens = torch.full((len(logits), max_new_tokens), pad_id, device=device)
+        running = torch.arange(len(logits), device=device)  # rows still generating
         for t in range(max_new_tokens):
             token = logits.argmax(-1) if greedy else sample_tokens(logits, temperature, top_p)
-            tokens.append(token.masked_fill(done, pad_id))
-            done |= torch.isin(token, eos)
+            tokens[running, t] = token
+            going_on = ~torch.isin(token, eos)
             # synced: under FSDP every forward is a collective, so a rank whose responses all ended keeps stepping
-            # until every rank's have
-            finished = all(gather(bool(done.all()))) if synced else bool(done.all())
+            # (on its last rows, cut after their EOS at the end) until every rank's have
+            finished = all(gather(not going_on.any())) if synced else not going_on.any()
             if t == max_new_tokens - 1 or finished:
                 break
+            if going_on.any() and not going_on.all():  # finished rows leave the batch: the others run on without them
+                running, token, mask, position = running[going_on], token[going_on], mask[going_on], position[going_on]
+                cache.batch_select_indices(going_on.nonzero().squeeze(1))
             mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), position + 1
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache)
             logits = logits.logits[:, -1]
-    return cut_after_eos(torch.stack(tokens, 1).cpu(), eos_ids, pad_id)
+    return cut_after_eos(tokens[:, : t + 1].cpu(), eos_ids, pad_id)
 
 
 def chunked_logprobs(
@@ -783,6 +787,17 @@ def chunked_logprobs(
     return torch.cat([checkpoint(one_chunk, h, y, use_reentrant=False) for h, y in chunks])
 
 
+def length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Row indices in at most two sub-batches of similar length, split where the padded area is smallest: when a few
+    responses run to the limit and the rest stop early (most of training, here), padding every row to the longest
+    wastes most of a batch."""
+    order = lengths.argsort()
+    n, sorted_lengths = len(order), lengths[order]
+    first = torch.arange(1, n + 1, device=lengths.device)  # rows in the first sub-batch
+    split = int((first * sorted_lengths + (n - first) * sorted_lengths[-1]).argmin()) + 1
+    return [rows for rows in (order[:split], order[split:]) if len(rows)]
+
+
 def sequence_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -799,7 +814,8 @@ def sequence_logprobs(
     of a sequence give the same s. Only response positions go through the LM head, chunk_size at a time.
     group_size > 1 needs pack()'s layout with rows in runs of group_size sharing a prompt (the samples of one
     prompt): each prompt then goes through the model once and its KV cache serves the run's responses (gradients
-    flow through it), so a group costs one prompt plus its responses instead of group_size prompts."""
+    flow through it), so a group costs one prompt plus its responses instead of group_size prompts; the responses go
+    in two sub-batches of similar length (length_buckets), each padded only to its own longest."""
     from torch.distributed.fsdp import FSDPModule
     from transformers import DynamicCache
 
@@ -823,11 +839,13 @@ def sequence_logprobs(
     if any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules()):
         group_size = 1  # a layer recomputed in the backward would append its keys to the shared cache a second time
     backbone, head = model.base_model, model.get_output_embeddings()
+    passes = []  # (rows, hidden): hidden[:, j] predicts input_ids[rows, start + j]
     with autocast or nullcontext():
         if group_size == 1:
             hidden = backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state[:, start - 1 : -1]
+            passes.append((torch.arange(len(input_ids), device=input_ids.device), hidden))
         else:
             run, cache = slice(None, None, group_size), DynamicCache(config=model.config)
             prompt = backbone(
@@ -837,21 +855,29 @@ def sequence_logprobs(
                 cache=cache,
                 use_cache=True,
             ).last_hidden_state[:, -1:]
-            cache.batch_repeat_interleave(group_size)
-            response = backbone(
-                input_ids=input_ids[:, start:],
-                attention_mask=attention_mask,
-                position_ids=position_ids[:, start:],
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state[:, :-1]
-            hidden = torch.cat([prompt.repeat_interleave(group_size, 0), response], 1)
-        # hidden[:, j] predicts input_ids[:, start + j]: (B, T - start, H)
-        mask = response_mask[:, start:].bool()
+            for rows in length_buckets(response_mask.sum(1)):
+                end = start + int(response_mask[rows].sum(1).max())
+                rows_cache, group = DynamicCache(config=model.config), rows // group_size
+                for i, layer in enumerate(cache.layers):  # these rows' prompts' keys and values (transformers 5.x)
+                    rows_cache.update(layer.keys[group], layer.values[group], i)
+                response = backbone(
+                    input_ids=input_ids[rows, start:end],
+                    attention_mask=attention_mask[rows, :end],
+                    position_ids=position_ids[rows, start:end],
+                    cache=rows_cache,
+                    use_cache=True,
+                ).last_hidden_state[:, :-1]
+                passes.append((rows, torch.cat([prompt[group], response], 1)))
+        rows, hidden, targets = [], [], []
+        for r, h in passes:  # the response positions only: (N, H), (N,)
+            mask = response_mask[r, start : start + h.size(1)].bool()
+            rows.append(r[:, None].expand_as(mask)[mask])
+            hidden.append(h[mask])
+            targets.append(input_ids[r, start : start + h.size(1)][mask])
         token_logprobs = chunked_logprobs(
-            hidden[mask], head.weight, input_ids[:, start:][mask], temperature, chunk_size, head.bias
+            torch.cat(hidden), head.weight, torch.cat(targets), temperature, chunk_size, head.bias
         )
-    return token_logprobs.new_zeros(mask.shape).masked_scatter(mask, token_logprobs).sum(-1)
+    return token_logprobs.new_zeros(len(input_ids)).index_add(0, torch.cat(rows), token_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2052,6 +2078,7 @@ if __name__ == "__main__":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
 
+            dist.barrier()  # no rank tears gloo down while a peer still talks to it (that can abort the peer)
             dist.destroy_process_group()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

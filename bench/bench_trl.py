@@ -10,8 +10,10 @@ order, and the same prompts per step, generations per prompt, response length, t
 beta, gradient clipping, micro-batch size, gradient accumulation and number of steps. Everything else is each one's
 own default: TRL (GRPO loss "dapo", group-normalised advantages, gradient checkpointing on) samples with
 transformers' `generate` and trains under accelerate's bf16 autocast when online_sft's --dtype auto picks bf16 (on this
-machine's AVX-512 BF16 CPU it does), fp32 otherwise. Each run is a separate child process, so each peak resident
-memory figure (ru_maxrss) is that run's alone. It prints:
+machine's AVX-512 BF16 CPU it does), fp32 otherwise. Each run is a separate process, so each peak resident memory
+figure (ru_maxrss) is that run's alone. online_sft and TRL run side by side but take turns, one optimiser step each,
+so that other load on a shared machine falls on both alike (a step's time never includes the wait for its turn);
+then --baseline rloo, then the long-response setting of each. It prints:
 
 1. the machine's matmul FLOP/s (a plain torch matmul in the training dtype);
 2. per trainer: seconds per step split into generation / scoring / training (median over steps), episodes per
@@ -23,7 +25,8 @@ memory figure (ru_maxrss) is that run's alone. It prints:
 
 The phases are timed the same way for both: generation is sampling (TRL: `_generate`, which also tokenises the
 prompts and decodes), scoring is the reward, training is everything else in the step (log-probs of the policy and the
-reference, loss, backward, optimiser). Timings on a shared machine are noisy: compare ratios from one invocation.
+reference, loss, backward, optimiser). Timings on a shared machine are noisy: compare ratios from one invocation;
+the load average printed before and after each group of runs shows how busy the machine was.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,8 +74,6 @@ def parse() -> argparse.Namespace:
         help="TRL's own default (True): recomputes activations, less memory for more compute",
     )
     p.add_argument("--skip", default="", help="comma-separated runs to skip: ours,rloo,trl,ours_long,trl_long")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -152,20 +152,57 @@ def matmul_flops_per_s(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> 
     return best
 
 
+class Turns:
+    """Runs that take turns, one optimiser step each, so that other load on a shared machine falls on all of them
+    alike: run i computes only while it holds its turn (from its start to the end of its step, then from the end of
+    the others' steps to the end of its next one), and passes it on to the next run that has not finished."""
+
+    def __init__(self, ctx, n: int):
+        self.sems = [ctx.Semaphore(1 if i == 0 else 0) for i in range(n)]
+        self.done = ctx.Array("b", n)
+
+    def start(self, i: int):
+        if not self.sems[i].acquire(timeout=3600):  # a run killed without finish() (out of memory): go on anyway
+            print("waited an hour for the turn: going on", flush=True)
+
+    def pass_on(self, i: int):
+        n = len(self.sems)
+        nxt = next(j for j in [*range(i + 1, n), *range(i + 1)] if not self.done[j] or j == i)
+        self.sems[nxt].release()
+
+    def step_done(self, i: int):
+        self.pass_on(i)
+        self.start(i)
+
+    def finish(self, i: int):
+        self.done[i] = 1
+        if any(not d for d in self.done):
+            self.pass_on(i)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Children: one run each, result as JSON
 
 
-def child_ours(b: argparse.Namespace, **kw) -> dict:
+def child_ours(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
     import torch
 
     import online_sft
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench_ours_")) / "run"
     args = ours_args(b, run_dir, **kw)
+    num_steps = online_sft.validate_args(args)["num_steps"]
+    log = online_sft.RunLog.log
+
+    def log_then_pass_the_turn(self, metrics: dict, step: int):  # after each step but the last
+        log(self, metrics, step)
+        if "time/step" in metrics and step < num_steps:
+            turns.step_done(me)
+
+    online_sft.RunLog.log = log_then_pass_the_turn
     t = time.time()
     online_sft.main(args)
-    wall = time.time() - t
+    wall, peak_mb = time.time() - t, peak_rss_mb()  # the trainer's peak, before the benchmark's own evaluation
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/step" in r]
     model, tokenizer, _ = online_sft.load_policy(str(run_dir / "model"), torch.device("cpu"))
@@ -184,11 +221,11 @@ def child_ours(b: argparse.Namespace, **kw) -> dict:
         "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else float("nan"),
         "accuracy_own_eval": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
         "wall_s": wall,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_mb,
     }
 
 
-def child_trl(b: argparse.Namespace, **kw) -> dict:
+def child_trl(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -257,13 +294,14 @@ def child_trl(b: argparse.Namespace, **kw) -> dict:
             timings["score"].append(time.perf_counter() - t)
             return result
 
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
+    class StepClock(TrainerCallback):  # a step: generation to optimiser update (after the prompts are fetched)
+        def on_step_begin(self, *_, **__):
             self.t = time.perf_counter()
 
-        def on_step_end(self, *_, **__):
+        def on_step_end(self, args, state, control, **_):
             step_times.append(time.perf_counter() - self.t)
-            self.t = time.perf_counter()
+            if state.global_step < state.max_steps:
+                turns.step_done(me)
 
     trainer = Timed(
         model=policy,
@@ -275,7 +313,7 @@ def child_trl(b: argparse.Namespace, **kw) -> dict:
     )
     t = time.time()
     trainer.train()
-    wall = time.time() - t
+    wall, peak_mb = time.time() - t, peak_rss_mb()  # the trainer's peak, before the benchmark's own evaluation
     model = trainer.model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     per_step_tokens = tokens["policy"] / len(step_times)  # prompt + completion tokens, no padding
@@ -294,7 +332,7 @@ def child_trl(b: argparse.Namespace, **kw) -> dict:
         "response_length": statistics.mean(completion_lengths) if completion_lengths else float("nan"),
         "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else float("nan"),
         "wall_s": wall,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_mb,
     }
 
 
@@ -321,50 +359,61 @@ def write_word_problems(path: Path, n: int = 64):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parent: run the children one after the other and print the comparison
+# Parent: start the runs, print the comparison
 
 
-def run_child(name: str, b: argparse.Namespace, log_dir: Path) -> dict | None:
-    """One run in its own process (so that its peak memory is its own); its output goes to log_dir/name.log."""
-    out, log_path = log_dir / f"{name}.json", log_dir / f"{name}.log"
-    cmd = [sys.executable, __file__, "--child", name, "--out", str(out)]
-    cmd += [f"--{k}={v}" for k, v in vars(b).items() if k not in ("child", "out")]
-    t = time.time()
-    load = os.getloadavg()[0]  # other users of the machine show up here and in the timings
-    print(f"[{time.strftime('%H:%M:%S')}] {name} (load average before: {load:.2f}) ...", flush=True)
-    with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        print(f"  FAILED (exit {rc}); the end of {log_path}:\n{tail}")
-        return None
-    print(f"  done in {time.time() - t:.0f}s", flush=True)
-    return json.loads(out.read_text())
+def child_process(name: str, b: argparse.Namespace, out: Path, turns: Turns, me: int):
+    """One run in its own process (so that its peak memory is its own), its output in out.log."""
+    with open(out.with_suffix(".log"), "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        turns.start(me)
+        try:
+            data = Path(tempfile.mkdtemp(prefix="bench_data_")) / "word_problems.jsonl"
+            write_word_problems(data)
+            long = long_kw(b, data)
+            result = {
+                "ours": lambda: child_ours(b, turns, me),
+                "rloo": lambda: child_ours(b, turns, me, baseline="rloo"),
+                "trl": lambda: child_trl(b, turns, me),
+                "ours_long": lambda: child_ours(b, turns, me, **long),
+                "trl_long": lambda: child_trl(b, turns, me, **long),
+            }[name]()
+            out.write_text(json.dumps(result))
+        finally:
+            turns.finish(me)
 
 
-def child(b: argparse.Namespace) -> dict:
-    data = Path(tempfile.mkdtemp(prefix="bench_data_")) / "word_problems.jsonl"
-    write_word_problems(data)
-    long = long_kw(b, data)
-    if b.child == "ours":
-        return child_ours(b)
-    if b.child == "rloo":
-        return child_ours(b, baseline="rloo")
-    if b.child == "trl":
-        return child_trl(b)
-    if b.child == "ours_long":
-        return child_ours(b, **long)
-    if b.child == "trl_long":
-        return child_trl(b, **long)
-    raise ValueError(b.child)
+def run_together(names: list[str], b: argparse.Namespace, log_dir: Path) -> dict:
+    """The runs in names, taking turns step by step (Turns); -> {name: result, or None if it failed}."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    turns = Turns(ctx, len(names))
+    t, load = time.time(), os.getloadavg()[0]  # other users of the machine show up here and in the timings
+    print(f"[{time.strftime('%H:%M:%S')}] {' + '.join(names)}, taking turns (load average {load:.2f}) ...", flush=True)
+    procs = [
+        ctx.Process(target=child_process, args=(n, b, log_dir / f"{n}.json", turns, i)) for i, n in enumerate(names)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    results = {}
+    for name, proc in zip(names, procs):
+        out = log_dir / f"{name}.json"
+        if proc.exitcode == 0 and out.exists():
+            results[name] = json.loads(out.read_text())
+        else:
+            tail = "".join(out.with_suffix(".log").read_text().splitlines(keepends=True)[-15:])
+            print(f"  {name} FAILED (exit {proc.exitcode}); the end of {out.with_suffix('.log')}:\n{tail}")
+            results[name] = None
+    print(f"  done in {time.time() - t:.0f}s (load average {os.getloadavg()[0]:.2f})", flush=True)
+    return results
 
 
 def main():
     b = parse()
-    if b.child:
-        Path(b.out).write_text(json.dumps(child(b)))
-        return
-
     import torch
 
     import online_sft
@@ -399,7 +448,12 @@ def main():
         "ours_long": f"online_sft, {b.long_response_length} tok",
         "trl_long": f"TRL, {b.long_response_length} tok",
     }
-    results = {name: run_child(name, b, log_dir) for name in runs if name not in skip}
+    results = {}
+    for group in (["ours", "trl"], ["rloo"], ["ours_long"], ["trl_long"]):
+        if [n for n in group if n not in skip]:
+            results |= run_together([n for n in group if n not in skip], b, log_dir)
+    peak = max(peak, matmul_flops_per_s(dtype))  # measured again at the end: the best of both is the machine's
+    print(f"matmul peak, best of the start and the end: {peak / 1e9:.0f} GFLOP/s")
 
     print(
         f"\n{'':<27}{'s/step':>7}{'gen':>7}{'score':>7}{'train':>7}{'ep/s':>7}{'peak MB':>9}{'acc':>7}"
@@ -419,24 +473,27 @@ def main():
             f"{r['flop/s'] / 1e9:9.1f}{r['flop/s'] / peak:8.1%}{r['response_length']:6.1f}"
         )
     print(
-        "s/step, gen, score, train: median seconds per step (generation / scoring / the rest of the step);\n"
-        f"ep/s: episodes / summed step time; peak MB: the run's peak resident memory; acc: held-out greedy accuracy "
-        f"after the run;\nGFLOP/s: training phase, (6 + 2) x {num_params / 1e6:.1f}M parameters x tokens run, "
-        "over its time; resp: mean response length (tokens)"
+        "s/step, gen, score, train: median seconds per step (generation / scoring / the rest of the step)\n"
+        "ep/s: episodes / summed step time; peak MB: peak resident memory up to the end of training\n"
+        "acc: held-out greedy accuracy after the run; resp: mean response length (tokens)\n"
+        f"GFLOP/s: training phase, (6 + 2) x {num_params / 1e6:.1f}M parameters x tokens run, over its time\n"
     )
 
     ours, trl, rloo = results.get("ours"), results.get("trl"), results.get("rloo")
     if ours and trl:
         med = statistics.median
         print("\nours / TRL:")
-        print(f"  episodes per second     {ours['ep/s'] / trl['ep/s']:.2f}x")
-        for k in ("step", "generate", "score", "train"):
-            print(f"  seconds per step, {k:<7}{med(ours['time_' + k]) / med(trl['time_' + k]):.2f}")
-        print(f"  training FLOP/s         {ours['flop/s'] / trl['flop/s']:.2f}")
-        print(f"  peak memory             {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        ratios = {"episodes per second": ours["ep/s"] / trl["ep/s"]}
+        for k in ("step", "generate", "train"):  # scoring takes milliseconds in both
+            ratios[f"seconds per step, {k}"] = med(ours["time_" + k]) / med(trl["time_" + k])
+        ratios["training FLOP/s"] = ours["flop/s"] / trl["flop/s"]
+        ratios["peak memory"] = ours["peak_rss_mb"] / trl["peak_rss_mb"]
         if results.get("ours_long") and results.get("trl_long"):
-            ratio = results["ours_long"]["peak_rss_mb"] / results["trl_long"]["peak_rss_mb"]
-            print(f"  peak memory, long       {ratio:.2f}")
+            ratios["peak memory, long responses"] = (
+                results["ours_long"]["peak_rss_mb"] / results["trl_long"]["peak_rss_mb"]
+            )
+        for label, ratio in ratios.items():
+            print(f"  {label:<30}{ratio:.2f}")
         rloo_accuracy = f", --baseline rloo {rloo['accuracy']:.3f}" if rloo else ""
         print(
             f"  held-out accuracy after {ours['episodes']} episodes: online_sft {ours['accuracy']:.3f}{rloo_accuracy}, "

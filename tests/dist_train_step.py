@@ -56,5 +56,6 @@ if rank == 0:
     loss = online_sft.online_sft_loss(s, s_ref, rewards, args.beta).mean()
     torch.save({"loss": loss, "s": s, "grads": grads, "weights": weights, "names": names}, out_file)
 if world > 1:
+    torch.distributed.barrier()  # rank 0 may still be saving: tearing gloo down under it can abort it
     torch.distributed.destroy_process_group()
 print("done", rank, os.getpid())

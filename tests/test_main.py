@@ -182,3 +182,14 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradient(tiny_model_dir
         grads[flag] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert calls == {False: 1, True: 2}
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+
+
+def test_rloo_run_and_its_bad_flags(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--baseline rloo needs --num_generations >= 2"):
+        main(tiny_args(tiny_model_dir, tmp_path, baseline="rloo", num_generations=1))
+    with pytest.raises(ConfigError, match="unknown --baseline"):
+        main(tiny_args(tiny_model_dir, tmp_path, baseline="ppo"))
+    run_dir = main(tiny_args(tiny_model_dir, tmp_path, baseline="rloo", total_episodes=16))
+    train = [r for r in read_metrics(run_dir) if "train/accuracy" in r]
+    assert len(train) == 2 and all(math.isfinite(r["train/grad_norm"]) for r in train)
+    assert all(r["perf/train_tokens"] > 0 for r in train)
