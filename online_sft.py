@@ -781,7 +781,9 @@ def chunked_logprobs(
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if temperature != 1:  # a pass over (chunk, V) saved in the common case
             logits = logits / temperature
-        return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        # = log_softmax(logits)[y]; cross_entropy's fused backward makes fewer passes over (chunk, V) than
+        # gather - logsumexp's (measured ~0.2 s of a 6 s training phase)
+        return -torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
     chunks = zip(hidden.split(chunk_size), targets.split(chunk_size))
     return torch.cat([checkpoint(one_chunk, h, y, use_reentrant=False) for h, y in chunks])
@@ -834,22 +836,24 @@ def sequence_logprobs(
             ).logits[:, :-1]  # (B, T - start, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         targets = input_ids[:, start:]
-        token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+        token_logprobs = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return (token_logprobs * response_mask[:, start:]).sum(-1)
     if any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules()):
         group_size = 1  # a layer recomputed in the backward would append its keys to the shared cache a second time
     backbone, head = model.base_model, model.get_output_embeddings()
     passes = []  # (rows, hidden): hidden[:, j] predicts input_ids[rows, start + j]
     with autocast or nullcontext():
+        # One lookup for every pass: each lookup's backward writes a dense (vocabulary x hidden) gradient
+        embeds = model.get_input_embeddings()(input_ids)
         if group_size == 1:
             hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state[:, start - 1 : -1]
             passes.append((torch.arange(len(input_ids), device=input_ids.device), hidden))
         else:
             run, cache = slice(None, None, group_size), DynamicCache(config=model.config)
             prompt = backbone(
-                input_ids=input_ids[run, :start],
+                inputs_embeds=embeds[run, :start],
                 attention_mask=attention_mask[run, :start],
                 position_ids=position_ids[run, :start],
                 cache=cache,
@@ -861,7 +865,7 @@ def sequence_logprobs(
                 for i, layer in enumerate(cache.layers):  # these rows' prompts' keys and values (transformers 5.x)
                     rows_cache.update(layer.keys[group], layer.values[group], i)
                 response = backbone(
-                    input_ids=input_ids[rows, start:end],
+                    inputs_embeds=embeds[rows, start:end],
                     attention_mask=attention_mask[rows, :end],
                     position_ids=position_ids[rows, start:end],
                     cache=rows_cache,
@@ -921,29 +925,34 @@ def train_on_batch(
     # Groups are whole and in order, so a micro-batch holds runs of `shared` samples of one prompt: that prompt goes
     # through the model once for the run (see sequence_logprobs).
     shared = math.gcd(bs, args.num_generations)
-    logprob_args = (args.temperature, autocast, shared, args.logprob_chunk_size)
+    logprob_args = (args.temperature, None, shared, args.logprob_chunk_size)
     s_all, s_ref_all, tokens = [], [], 0
-    for k in range(n_micro):
-        mb, weight = batch[k * bs : (k + 1) * bs], world / n_global
-        if not mb:
-            mb, weight = filler, 0.0
-        if world > 1:
-            policy.set_requires_gradient_sync(k == n_micro - 1)
-        packed = pack(mb, pad_id)
-        input_ids, attention_mask, response_mask = (x.to(device) for x in packed)
-        rewards = torch.stack([x["reward"] - x["baseline"] for x in mb]).to(device)
-        s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, *logprob_args)
-        with torch.no_grad():
-            s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, *logprob_args)
-        if args.normalize_logprob_by_length:
-            lengths = response_mask.sum(1).clamp(min=1)
-            s, s_ref = s / lengths, s_ref / lengths
-        (online_sft_loss(s, s_ref, rewards, args.beta).sum() * weight).backward()
-        if weight:
-            s_all.append(s.detach())
-            s_ref_all.append(s_ref)
-            prompt_tokens = (packed[1] - packed[2])[:: 1 if world > 1 else shared].sum()  # each shared prompt once
-            tokens += int(prompt_tokens + packed[2].sum())
+    # One autocast region for all micro-batches: autocast keeps its bf16 copies of the policy's weights until the
+    # outermost region ends, so they are cast once per step, not once per micro-batch (and again in the log-probs'
+    # recompute). The backward runs with autocast off, as PyTorch recommends.
+    with autocast:
+        for k in range(n_micro):
+            mb, weight = batch[k * bs : (k + 1) * bs], world / n_global
+            if not mb:
+                mb, weight = filler, 0.0
+            if world > 1:
+                policy.set_requires_gradient_sync(k == n_micro - 1)
+            packed = pack(mb, pad_id)
+            input_ids, attention_mask, response_mask = (x.to(device) for x in packed)
+            rewards = torch.stack([x["reward"] - x["baseline"] for x in mb]).to(device)
+            s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, *logprob_args)
+            with torch.no_grad():
+                s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, *logprob_args)
+            if args.normalize_logprob_by_length:
+                lengths = response_mask.sum(1).clamp(min=1)
+                s, s_ref = s / lengths, s_ref / lengths
+            with torch.autocast(device.type, enabled=False):
+                (online_sft_loss(s, s_ref, rewards, args.beta).sum() * weight).backward()
+            if weight:
+                s_all.append(s.detach())
+                s_ref_all.append(s_ref)
+                prompt_tokens = (packed[1] - packed[2])[:: 1 if world > 1 else shared].sum()  # shared prompts once
+                tokens += int(prompt_tokens + packed[2].sum())
     if not s_all:
         return torch.zeros(0), torch.zeros(0), 0
     return torch.cat(s_all).cpu(), torch.cat(s_ref_all).cpu(), tokens
@@ -1733,11 +1742,12 @@ def main(args: Args) -> Path:
     policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     if dtype != torch.float32 and world == 1:  # autocast would cast the frozen reference's matmul weights at every
-        # forward: cast them once (same results, half their memory); the embedding (maybe tied to the LM head) and
-        # norms stay fp32. (Under FSDP its MixedPrecisionPolicy casts, and wants one dtype per unit.)
+        # forward: cast them once (same results, half their memory). A tied LM head gets its own copy, the embedding
+        # and norms stay fp32. (Under FSDP its MixedPrecisionPolicy casts, and wants one dtype per unit.)
         for module in ref.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight is not ref.get_input_embeddings().weight:
-                module.to(dtype)
+            if isinstance(module, torch.nn.Linear):
+                for name, p in module.named_parameters(recurse=False):
+                    setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
     if checkpoint:  # the reference stays the original model; the policy continues from the checkpoint
         policy, tokenizer, _ = load_policy(str(checkpoint), device)
         origin = f"{checkpoint} (reference: {origin})"

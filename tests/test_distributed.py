@@ -33,8 +33,10 @@ def test_two_ranks_give_the_same_step_as_one_process(tiny_model_dir, tmp_path):
     torch.testing.assert_close(b["s"], a["s"], rtol=1e-6, atol=1e-6)
     for name, grad in a["grads"].items():  # the sharded gradients, gathered, equal the whole-batch ones
         torch.testing.assert_close(b["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    # Adam's first step is lr*g/(|g| + eps): where |g| is near eps (1e-8) a float-noise gradient difference of 1e-10
+    # moves a weight by ~1e-6, so allow 1% of the lr=1e-3 step
     for name, weight in a["weights"].items():
-        torch.testing.assert_close(b["weights"][name], weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b["weights"][name], weight, rtol=0, atol=1e-5)
     assert a["grads"]["model.embed_tokens.weight"].abs().max() > 1e-4  # the step did something
     # what a vLLM push sends: the checkpoint's names (tied lm_head once), unchanged by FSDP2 sharding
     assert b["names"] == a["names"] and set(a["names"]) == set(a["weights"]) - {"lm_head.weight"}
