@@ -83,6 +83,7 @@ def parse() -> argparse.Namespace:
 
 def ours_args(b: argparse.Namespace, run_dir: Path, **kw):
     """online_sft's Args for the benchmark's work; kw overrides (baseline, task, ...)."""
+    import online_sft
     from online_sft import Args
 
     episodes_per_step = b.prompts_per_step * b.num_generations
@@ -105,7 +106,7 @@ def ours_args(b: argparse.Namespace, run_dir: Path, **kw):
         "max_grad_norm": 1.0,
         "eval_every": 10**9,  # evaluate only before the first and after the last step
     }
-    return Args(**{**base, **kw})
+    return online_sft.with_task_defaults(Args(**{**base, **kw}))
 
 
 def prompt_rows(args, num_prompts: int) -> tuple[list[dict], list[dict]]:
@@ -124,7 +125,21 @@ def heldout_accuracy(args, model, tokenizer, eval_rows) -> float:
     import online_sft
 
     eos = online_sft.eos_token_ids(model, tokenizer)
-    metrics, _ = online_sft.evaluate(args, model, tokenizer, eval_rows, eos, nullcontext())
+
+    def sample(prompts, greedy):
+        return online_sft.generate(
+            model,
+            prompts,
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=eos,
+            max_new_tokens=args.response_length,
+            temperature=args.temperature,
+            top_p=1.0,
+            greedy=greedy,
+            autocast=nullcontext(),
+        )
+
+    metrics, _ = online_sft.evaluate(args, sample, tokenizer, eval_rows, rank=0, world=1)
     return metrics["eval/accuracy"]
 
 
@@ -236,7 +251,8 @@ def child_trl(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="bench_trl_")) / "run"
     args = ours_args(b, run_dir, **kw)
     derived = online_sft.validate_args(args)
-    eval_rows, train_rows = prompt_rows(args, derived["num_steps"] * derived["prompts_per_step"])
+    num_prompts = derived["num_steps"] * derived["episodes_per_step"] // args.num_generations
+    eval_rows, train_rows = prompt_rows(args, num_prompts)
     policy, tokenizer, _ = online_sft.load_policy(args.model_name_or_path, torch.device("cpu"))
     # TRL renders the chat template itself: check it gives the prompt tokens online_sft trains on.
     messages = [{"role": "user", "content": train_rows[0]["content"]}]
