@@ -62,7 +62,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.05)
-    p.add_argument("--per_device_train_batch_size", type=int, default=16)
+    p.add_argument(
+        "--per_device_train_batch_size", type=int, default=32, help="the same for both (online_sft's default)"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval_size", type=int, default=50)
     p.add_argument("--long_response_length", type=int, default=256, help="response length of the memory setting")
