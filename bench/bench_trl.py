@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -122,8 +123,12 @@ def prompt_rows(args, num_prompts: int) -> tuple[list[dict], list[dict]]:
     return eval_rows, [sampler.sample(1)[0] for _ in range(num_prompts)]
 
 
-def heldout_accuracy(args, model, tokenizer, eval_rows) -> float:
-    """Greedy accuracy on the held-out rows, by online_sft's own evaluate(), in fp32 for every model."""
+def heldout_accuracy(args, model, tokenizer, eval_rows, samples: int = 8) -> tuple[float, float]:
+    """(greedy accuracy on the held-out rows, by online_sft's own evaluate(); accuracy of `samples` responses per row
+    sampled at the training temperature, the same random numbers for every model), in fp32 for every model. 50
+    greedy answers move in steps of 2 points; 400 samples measure what the policy learned with less noise."""
+    import torch
+
     import online_sft
 
     eos = online_sft.eos_token_ids(model, tokenizer)
@@ -142,7 +147,26 @@ def heldout_accuracy(args, model, tokenizer, eval_rows) -> float:
         )
 
     metrics, _ = online_sft.evaluate(args, sample, tokenizer, eval_rows, rank=0, world=1)
-    return metrics["eval/accuracy"]
+    torch.manual_seed(0)
+    correct = []
+    for i in range(0, len(eval_rows), args.eval_batch_size):
+        rows = eval_rows[i : i + args.eval_batch_size]
+        prompts = [online_sft.render_prompt(tokenizer, r["content"]) for r in rows]
+        ids, _ = online_sft.generate(
+            model,
+            prompts,
+            num_samples=samples,
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=eos,
+            max_new_tokens=args.response_length,
+            temperature=args.temperature,
+            top_p=1.0,
+            greedy=False,
+            autocast=nullcontext(),
+        )
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        correct += online_sft.score(args.task, texts, [r["answer"] for r in rows for _ in range(samples)])[0]
+    return metrics["eval/accuracy"], sum(correct) / len(correct)
 
 
 def peak_rss_mb() -> float:
@@ -235,7 +259,7 @@ def child_ours(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
         # the tokens the policy ran (each shared prompt once), and the reference the same
         "train_flops": [training_flops(num_params, r["perf/train_tokens"], r["perf/train_tokens"]) for r in steps],
         "response_length": statistics.mean(r["train/response_length"] for r in steps),
-        "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else float("nan"),
+        "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else [float("nan")] * 2,
         "accuracy_own_eval": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
         "wall_s": wall,
         "peak_rss_mb": peak_mb,
@@ -348,7 +372,7 @@ def child_trl(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
         "time_step": step_times,
         "train_flops": [training_flops(num_params, per_step_tokens, per_step_tokens)] * len(step_times),
         "response_length": statistics.mean(completion_lengths) if completion_lengths else float("nan"),
-        "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else float("nan"),
+        "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else [float("nan")] * 2,
         "wall_s": wall,
         "peak_rss_mb": peak_mb,
     }
@@ -447,7 +471,7 @@ def main():
     base = ours_args(b, log_dir / "unused")
     model, tokenizer, _ = online_sft.load_policy(base.model_name_or_path, torch.device("cpu"))
     eval_rows, _ = prompt_rows(base, 0)
-    accuracy_before = heldout_accuracy(base, model, tokenizer, eval_rows)
+    accuracy_before, sampled_before = heldout_accuracy(base, model, tokenizer, eval_rows)
     num_params = sum(p.numel() for p in model.parameters())
     del model
     print(
@@ -455,7 +479,8 @@ def main():
         f"({b.steps * b.prompts_per_step * b.num_generations} episodes), at most {b.response_length} new tokens, "
         f"temperature {b.temperature}, lr {b.learning_rate}, beta {b.beta}, micro-batch "
         f"{b.per_device_train_batch_size}; TRL gradient checkpointing {b.trl_gradient_checkpointing}\n"
-        f"held-out greedy accuracy before training: {accuracy_before:.3f} ({len(eval_rows)} questions, fp32)"
+        f"held-out accuracy before training: greedy {accuracy_before:.3f} ({len(eval_rows)} questions, fp32), "
+        f"sampled {sampled_before:.3f} (8 per question)"
     )
 
     skip = set(filter(None, b.skip.split(",")))
@@ -474,7 +499,7 @@ def main():
     print(f"matmul peak, best of the start and the end: {peak / 1e9:.0f} GFLOP/s")
 
     print(
-        f"\n{'':<27}{'s/step':>7}{'gen':>7}{'score':>7}{'train':>7}{'ep/s':>7}{'peak MB':>9}{'acc':>7}"
+        f"\n{'':<27}{'s/step':>7}{'gen':>7}{'score':>7}{'train':>7}{'ep/s':>7}{'peak MB':>9}{'acc':>7}{'sampled':>8}"
         f"{'GFLOP/s':>9}{'of peak':>8}{'resp':>6}"
     )
     for name, label in runs.items():
@@ -484,16 +509,17 @@ def main():
         med = statistics.median
         r["ep/s"] = r["episodes"] / sum(r["time_step"])
         r["flop/s"] = sum(r["train_flops"]) / sum(r["time_train"])
-        accuracy = "" if r["accuracy"] != r["accuracy"] else f"{r['accuracy']:.3f}"  # NaN: not evaluated
+        greedy, sampled = ("" if math.isnan(a) else f"{a:.3f}" for a in r["accuracy"])  # NaN: not evaluated
         print(
             f"{label:<27}{med(r['time_step']):7.2f}{med(r['time_generate']):7.2f}{med(r['time_score']):7.2f}"
-            f"{med(r['time_train']):7.2f}{r['ep/s']:7.2f}{r['peak_rss_mb']:9.0f}{accuracy:>7}"
+            f"{med(r['time_train']):7.2f}{r['ep/s']:7.2f}{r['peak_rss_mb']:9.0f}{greedy:>7}{sampled:>8}"
             f"{r['flop/s'] / 1e9:9.1f}{r['flop/s'] / peak:8.1%}{r['response_length']:6.1f}"
         )
     print(
         "s/step, gen, score, train: median seconds per step (generation / scoring / the rest of the step)\n"
         "ep/s: episodes / summed step time; peak MB: peak resident memory up to the end of training\n"
-        "acc: held-out greedy accuracy after the run; resp: mean response length (tokens)\n"
+        "acc: held-out greedy accuracy after the run; sampled: the same questions, 8 samples each at temperature "
+        f"{b.temperature}\nresp: mean response length (tokens)\n"
         f"GFLOP/s: training phase, (6 + 2) x {num_params / 1e6:.1f}M parameters x tokens run, over its time\n"
     )
 
@@ -512,11 +538,13 @@ def main():
             )
         for label, ratio in ratios.items():
             print(f"  {label:<30}{ratio:.2f}")
-        rloo_accuracy = f", --baseline rloo {rloo['accuracy']:.3f}" if rloo else ""
-        print(
-            f"  held-out accuracy after {ours['episodes']} episodes: online_sft {ours['accuracy']:.3f}{rloo_accuracy}, "
-            f"TRL {trl['accuracy']:.3f} (before: {accuracy_before:.3f})"
-        )
+        for i, kind in enumerate(("greedy", "sampled")):
+            rloo_accuracy = f", --baseline rloo {rloo['accuracy'][i]:.3f}" if rloo else ""
+            before = (accuracy_before, sampled_before)[i]
+            print(
+                f"  held-out {kind} accuracy after {ours['episodes']} episodes: online_sft {ours['accuracy'][i]:.3f}"
+                f"{rloo_accuracy}, TRL {trl['accuracy'][i]:.3f} (before: {before:.3f})"
+            )
 
 
 if __name__ == "__main__":
