@@ -406,7 +406,8 @@ def write_word_problems(path: Path, n: int = 64):
 
 def child_process(name: str, b: argparse.Namespace, out: Path, turns: Turns, me: int):
     """One run in its own process (so that its peak memory is its own), its output in out.log."""
-    with open(out.with_suffix(".log"), "w") as log:
+    with open(out.with_suffix(".log"), "w") as log, tempfile.TemporaryDirectory(prefix="bench_run_") as scratch:
+        tempfile.tempdir = scratch  # the run's data, model and checkpoint (~2 GB) go here and are deleted at its end
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         turns.start(me)
