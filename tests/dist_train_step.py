@@ -58,4 +58,7 @@ if rank == 0:
 if world > 1:
     torch.distributed.barrier()  # rank 0 may still be saving: tearing gloo down under it can abort it
     torch.distributed.destroy_process_group()
-print("done", rank, os.getpid())
+print("done", rank, os.getpid(), flush=True)
+# Leave without the interpreter's teardown: gloo's threads can race it and abort a rank that has finished ("terminate
+# called without an active exception", 2 of ~8 suite runs on the 2-core machine, never when run alone)
+os._exit(0)
