@@ -133,10 +133,11 @@ def heldout_accuracy(args, model, tokenizer, eval_rows, samples: int = 8) -> tup
 
     eos = online_sft.eos_token_ids(model, tokenizer)
 
-    def sample(prompts, greedy):
+    def sample(prompts, greedy, num_samples=1):
         return online_sft.generate(
             model,
             prompts,
+            num_samples=num_samples,
             pad_id=tokenizer.pad_token_id,
             eos_ids=eos,
             max_new_tokens=args.response_length,
@@ -152,18 +153,7 @@ def heldout_accuracy(args, model, tokenizer, eval_rows, samples: int = 8) -> tup
     for i in range(0, len(eval_rows), args.eval_batch_size):
         rows = eval_rows[i : i + args.eval_batch_size]
         prompts = [online_sft.render_prompt(tokenizer, r["content"]) for r in rows]
-        ids, _ = online_sft.generate(
-            model,
-            prompts,
-            num_samples=samples,
-            pad_id=tokenizer.pad_token_id,
-            eos_ids=eos,
-            max_new_tokens=args.response_length,
-            temperature=args.temperature,
-            top_p=1.0,
-            greedy=False,
-            autocast=nullcontext(),
-        )
+        ids, _ = sample(prompts, greedy=False, num_samples=samples)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         correct += online_sft.score(args.task, texts, [r["answer"] for r in rows for _ in range(samples)])[0]
     return metrics["eval/accuracy"], sum(correct) / len(correct)
