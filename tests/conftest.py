@@ -16,6 +16,11 @@ CORPUS = [
 ] * 20
 
 
+def cli_flags(**kw) -> list[str]:
+    """online_sft.py's command line for these flag values: cli_flags(eval_size=4) -> ["--eval_size", "4"]."""
+    return [x for name, value in kw.items() for x in (f"--{name}", str(value))]
+
+
 def build_tiny_model(folder: Path, chat_template: bool = True) -> Path:
     """Save a random 2-layer Llama and its tokenizer (eos = pad, like SmolLM2) to folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import cli_flags
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -43,26 +44,17 @@ def test_two_ranks_give_the_same_step_as_one_process(tiny_model_dir, tmp_path):
 
 
 def test_main_on_two_ranks_leaves_the_same_run_folder(tiny_model_dir, tmp_path):
-    flags = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(tmp_path),
-        "--total_episodes",
-        "48",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "1",
-        "--response_length",
-        "6",
-        "--eval_size",
-        "7",
-        "--eval_every",
-        "2",
-        "--learning_rate",
-        "1e-3",
-    ]
+    flags = cli_flags(
+        model_name_or_path=tiny_model_dir,
+        output_dir=tmp_path,
+        total_episodes=48,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        response_length=6,
+        eval_size=7,
+        eval_every=2,
+        learning_rate="1e-3",
+    )
     two = run([*TORCHRUN, "online_sft.py", *flags, "--run_name", "two"])
     assert two.returncode == 0, two.stderr[-3000:]
     one = run([sys.executable, "online_sft.py", *flags, "--run_name", "one", "--gradient_accumulation_steps", "2"])
@@ -96,22 +88,15 @@ def test_a_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
         "import tyro\n"
         "online_sft.main(tyro.cli(online_sft.Args))\n"
     )
-    flags = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(tmp_path),
-        "--total_episodes",
-        "32",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "1",
-        "--response_length",
-        "6",
-        "--eval_size",
-        "4",
-    ]
+    flags = cli_flags(
+        model_name_or_path=tiny_model_dir,
+        output_dir=tmp_path,
+        total_episodes=32,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        response_length=6,
+        eval_size=4,
+    )
     result = run([*TORCHRUN, str(driver), *flags], timeout=180)  # rank 0 would wait in a collective forever
     assert result.returncode != 0
     assert "rank 1 fails" in result.stderr
@@ -179,32 +164,20 @@ def test_vllm_weight_names_are_the_checkpoints(tmp_path, tied):
 
 
 def test_tldr_on_two_ranks_shards_gpt_neox(neox_policy_dir, neox_reward_dir, tldr_files, tmp_path):
-    flags = [
-        "--task",
-        "tldr",
-        "--model_name_or_path",
-        str(neox_policy_dir),
-        "--reward_model_path",
-        str(neox_reward_dir),
-        "--dataset_name",
-        str(tldr_files[0]),
-        "--eval_dataset_name",
-        str(tldr_files[1]),
-        "--output_dir",
-        str(tmp_path),
-        "--run_name",
-        "tldr",
-        "--eval_size",
-        "5",
-        "--response_length",
-        "6",
-        "--total_episodes",
-        "32",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "2",
-    ]
+    flags = cli_flags(
+        task="tldr",
+        model_name_or_path=neox_policy_dir,
+        reward_model_path=neox_reward_dir,
+        dataset_name=tldr_files[0],
+        eval_dataset_name=tldr_files[1],
+        output_dir=tmp_path,
+        run_name="tldr",
+        eval_size=5,
+        response_length=6,
+        total_episodes=32,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )
     result = run([*TORCHRUN, "online_sft.py", *flags])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "tldr" / "metrics.jsonl").read_text().splitlines()]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_flags
 from safetensors.torch import load_file
 
 import online_sft
@@ -121,26 +122,17 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(straigh
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path):
-    flags = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(tmp_path),
-        "--run_name",
-        "term",
-        "--total_episodes",
-        "4000",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "2",
-        "--response_length",
-        "6",
-        "--eval_size",
-        "6",
-        "--eval_every",
-        "1000",
-    ]
+    flags = cli_flags(
+        model_name_or_path=tiny_model_dir,
+        output_dir=tmp_path,
+        run_name="term",
+        total_episodes=4000,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        response_length=6,
+        eval_size=6,
+        eval_every=1000,
+    )
     proc = subprocess.Popen(
         [sys.executable, "online_sft.py", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
