@@ -2106,7 +2106,7 @@ if __name__ == "__main__":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
 
-            dist.barrier()  # no rank tears gloo down while a peer still talks to it (that can abort the peer)
+            dist.barrier()  # every rank is done with its collectives before any tears the group down
             dist.destroy_process_group()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

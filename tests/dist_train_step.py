@@ -56,7 +56,7 @@ if rank == 0:
     loss = online_sft.online_sft_loss(s, s_ref, rewards, args.beta).mean()
     torch.save({"loss": loss, "s": s, "grads": grads, "weights": weights, "names": names}, out_file)
 if world > 1:
-    torch.distributed.barrier()  # rank 0 may still be saving: tearing gloo down under it can abort it
+    torch.distributed.barrier()  # rank 0 may still be saving: both are done before either tears gloo down
     torch.distributed.destroy_process_group()
 print("done", rank, os.getpid(), flush=True)
 # Leave without the interpreter's teardown: gloo's threads can race it and abort a rank that has finished ("terminate
