@@ -786,19 +786,46 @@ def chunked_logprobs(
         # gather - logsumexp's (measured ~0.2 s of a 6 s training phase)
         return -torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
+    if len(hidden) <= chunk_size:  # one chunk: its logits would be the most held anyway, and recomputing costs time
+        return one_chunk(hidden, targets)
     chunks = zip(hidden.split(chunk_size), targets.split(chunk_size))
     return torch.cat([checkpoint(one_chunk, h, y, use_reentrant=False) for h, y in chunks])
 
 
-def length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Row indices in at most two sub-batches of similar length, split where the padded area is smallest: when a few
-    responses run to the limit and the rest stop early (most of training, here), padding every row to the longest
-    wastes most of a batch."""
-    order = lengths.argsort()
-    n, sorted_lengths = len(order), lengths[order]
-    first = torch.arange(1, n + 1, device=lengths.device)  # rows in the first sub-batch
-    split = int((first * sorted_lengths + (n - first) * sorted_lengths[-1]).argmin()) + 1
-    return [rows for rows in (order[:split], order[split:]) if len(rows)]
+def pack_groups(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, ...]:
+    """pack()'s rows, in runs of group_size sharing a prompt, as one row per run: the prompt once, then each of the
+    run's responses, right-padded. A response attends to the prompt and to its own earlier tokens and has the
+    positions it has in its own row, so every token sees what it sees in pack()'s layout.
+    -> ids, positions (G, L), mask (G, 1, L, L) (True: may attend), and for each response token in pack()'s row-major
+    order: the flat index into (G, L) of the position that predicts it (N,)."""
+    start = int(response_mask.any(0).int().argmax())  # pack(): every response starts in this column
+    prompt_lengths = attention_mask[:, :start].sum(1).tolist()
+    response_lengths = response_mask[:, start:].sum(1).tolist()
+    firsts = range(0, len(input_ids), group_size)
+    width = max(prompt_lengths[f] + sum(response_lengths[f : f + group_size]) for f in firsts)
+    ids = torch.zeros(len(firsts), width, dtype=torch.long)  # padding: any token, nothing real attends to it
+    positions = torch.zeros_like(ids)
+    segments = torch.full_like(ids, -1)  # 0: the prompt, k: the k-th response, -1: padding
+    predictors = []
+    for g, first in enumerate(firsts):
+        p = prompt_lengths[first]
+        ids[g, :p], positions[g, :p], segments[g, :p] = input_ids[first, start - p : start], torch.arange(p), 0
+        end = p
+        for k in range(group_size):
+            n = response_lengths[first + k]
+            ids[g, end : end + n] = input_ids[first + k, start : start + n]
+            positions[g, end : end + n] = torch.arange(p, p + n)
+            segments[g, end : end + n] = k + 1
+            # token t is predicted by the token before it: the prompt's last one for t = 0
+            predictors += [g * width + p - 1] + [g * width + end + t for t in range(n - 1)]
+            end += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [query, key]
+    visible = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    mask = (causal & visible) | torch.eye(width, dtype=torch.bool)  # padding sees itself: no row is all masked
+    device = input_ids.device
+    return ids.to(device), positions.to(device), mask[:, None].to(device), torch.tensor(predictors, device=device)
 
 
 def sequence_logprobs(
@@ -816,11 +843,10 @@ def sequence_logprobs(
     Works for any padding layout: positions count only non-padding tokens, so a left-padded and a right-padded copy
     of a sequence give the same s. Only response positions go through the LM head, chunk_size at a time.
     group_size > 1 needs pack()'s layout with rows in runs of group_size sharing a prompt (the samples of one
-    prompt): each prompt then goes through the model once and its KV cache serves the run's responses (gradients
-    flow through it), so a group costs one prompt plus its responses instead of group_size prompts; the responses go
-    in two sub-batches of similar length (length_buckets), each padded only to its own longest."""
+    prompt): each run then goes through the model as one sequence, its prompt once (pack_groups). A group costs one
+    prompt plus its responses instead of group_size prompts, in one pass instead of a pass per length bucket; the
+    padding is the spread of the groups' total lengths, smaller than that of single responses."""
     from torch.distributed.fsdp import FSDPModule
-    from transformers import DynamicCache
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = int(response_mask.any(0).int().argmax())  # first column holding a response token
@@ -839,50 +865,26 @@ def sequence_logprobs(
         targets = input_ids[:, start:]
         token_logprobs = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return (token_logprobs * response_mask[:, start:]).sum(-1)
-    if any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules()):
-        group_size = 1  # a layer recomputed in the backward would append its keys to the shared cache a second time
+    if model.config._attn_implementation not in ("sdpa", "eager"):
+        group_size = 1  # the others (flash-attention, flex) take no dense (query, key) mask
     backbone, head = model.base_model, model.get_output_embeddings()
-    passes = []  # (rows, hidden): hidden[:, j] predicts input_ids[rows, start + j]
+    mask = response_mask[:, start:].bool()
+    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]
+    targets = input_ids[:, start:][mask]
     with autocast or nullcontext():
-        # One lookup for every pass: each lookup's backward writes a dense (vocabulary x hidden) gradient
-        embeds = model.get_input_embeddings()(input_ids)
         if group_size == 1:
             hidden = backbone(
-                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state[:, start - 1 : -1]
-            passes.append((torch.arange(len(input_ids), device=input_ids.device), hidden))
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state[:, start - 1 : -1][mask]  # hidden[:, j] predicts input_ids[:, start + j]
         else:
-            run, cache = slice(None, None, group_size), DynamicCache(config=model.config)
-            prompt = backbone(
-                inputs_embeds=embeds[run, :start],
-                attention_mask=attention_mask[run, :start],
-                position_ids=position_ids[run, :start],
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1:]
-            for rows in length_buckets(response_mask.sum(1)):
-                end = start + int(response_mask[rows].sum(1).max())
-                rows_cache, group = DynamicCache(config=model.config), rows // group_size
-                for i, layer in enumerate(cache.layers):  # these rows' prompts' keys and values (transformers 5.x)
-                    rows_cache.update(layer.keys[group], layer.values[group], i)
-                response = backbone(
-                    inputs_embeds=embeds[rows, start:end],
-                    attention_mask=attention_mask[rows, :end],
-                    position_ids=position_ids[rows, start:end],
-                    cache=rows_cache,
-                    use_cache=True,
-                ).last_hidden_state[:, :-1]
-                passes.append((rows, torch.cat([prompt[group], response], 1)))
-        rows, hidden, targets = [], [], []
-        for r, h in passes:  # the response positions only: (N, H), (N,)
-            mask = response_mask[r, start : start + h.size(1)].bool()
-            rows.append(r[:, None].expand_as(mask)[mask])
-            hidden.append(h[mask])
-            targets.append(input_ids[r, start : start + h.size(1)][mask])
-        token_logprobs = chunked_logprobs(
-            torch.cat(hidden), head.weight, torch.cat(targets), temperature, chunk_size, head.bias
-        )
-    return token_logprobs.new_zeros(len(input_ids)).index_add(0, torch.cat(rows), token_logprobs)
+            ids, positions, visible, predictors = pack_groups(input_ids, attention_mask, response_mask, group_size)
+            if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+                visible = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, -torch.inf)
+            hidden = backbone(input_ids=ids, attention_mask=visible, position_ids=positions, use_cache=False)
+            hidden = hidden.last_hidden_state.flatten(0, 1)[predictors]
+        token_logprobs = chunked_logprobs(hidden, head.weight, targets, temperature, chunk_size, head.bias)
+    return token_logprobs.new_zeros(len(input_ids)).index_add(0, rows, token_logprobs)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
