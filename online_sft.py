@@ -23,8 +23,9 @@ Where this departs from the paper's reference code:
   trainer then agree up to bf16 rounding).
 - --baseline rloo (off by default) subtracts from r the mean reward of the other samples of the same prompt: the
   expected gradient is unchanged (tests/test_loss.py enumerates whole groups), its variance lower.
-- Each prompt goes through the model once per step, in generation and in the log-probs, its KV cache shared by its
-  num_generations samples; the LM head sees only response positions, a chunk at a time.
+- Each prompt goes through the model once per step: in generation its KV cache is shared by its num_generations
+  samples, and in the log-probs a group runs as one masked sequence, the prompt then its responses; the LM head sees
+  only response positions, a chunk at a time.
 - Weight clipping and log-prob clamping are left out: with the stable form they are not needed and they bias the
   gradient. Length normalisation is available as a flag and documented as biased.
 """
@@ -792,6 +793,42 @@ def chunked_logprobs(
     return torch.cat([checkpoint(one_chunk, h, y, use_reentrant=False) for h, y in chunks])
 
 
+SHORT_ATTENTION_SCORES = 2**21  # (query x key) scores of a layer, above which short_attention leaves it to SDPA
+
+
+def short_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, but with plain matmuls while a layer's (query x key) scores are few. PyTorch's
+    CPU flash kernel has a large fixed cost: at 8 x 113 tokens its backward takes ~15 ms a layer against ~3 ms for
+    the matmuls, and the training log-probs' packed groups are about that size. The matmuls keep the scores for the
+    backward (6 bytes each, so at most ~12 MB a layer); longer sequences go to SDPA, which keeps none.
+    query (B, H, T, D), key and value (B, Hkv, S, D), attention_mask (B, 1, T, S) bool (True: may attend) or None.
+    -> (B, T, H, D), None, as transformers' attention functions return."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, heads, t, d = query.shape
+    kv_heads, s = key.shape[1:3]
+    plain = attention_mask is not None and attention_mask.dtype == torch.bool and not dropout
+    if not plain or b * heads * t * s > SHORT_ATTENTION_SCORES:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    group = heads // kv_heads  # query heads per key/value head, consecutive (as transformers' repeat_kv pairs them)
+    scores = query.reshape(b, kv_heads, group * t, d) @ key.transpose(-1, -2) * (scaling or d**-0.5)
+    scores = scores.view(b, kv_heads, group, t, s).to(torch.promote_types(scores.dtype, torch.float32))
+    # the minimum, not -inf: a row with nothing to attend to (a left pad) gets finite weights, not NaN
+    probs = scores.masked_fill(~attention_mask[:, :, None], torch.finfo(scores.dtype).min).softmax(-1)
+    probs = probs.to(value.dtype)
+    return (probs.view(b, kv_heads, group * t, s) @ value).view(b, heads, t, d).transpose(1, 2), None
+
+
+def use_short_attention(model):
+    """model's SDPA attention -> short_attention, with SDPA's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("sdpa_short", short_attention)
+    AttentionMaskInterface.register("sdpa_short", sdpa_mask)
+    model.set_attn_implementation("sdpa_short")
+
+
 def pack_groups(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, ...]:
@@ -865,7 +902,7 @@ def sequence_logprobs(
         targets = input_ids[:, start:]
         token_logprobs = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return (token_logprobs * response_mask[:, start:]).sum(-1)
-    if model.config._attn_implementation not in ("sdpa", "eager"):
+    if model.config._attn_implementation not in ("sdpa_short", "sdpa", "eager"):
         group_size = 1  # the others (flash-attention, flex) take no dense (query, key) mask
     backbone, head = model.base_model, model.get_output_embeddings()
     mask = response_mask[:, start:].bool()
@@ -884,7 +921,6 @@ def sequence_logprobs(
             hidden = hidden.last_hidden_state.flatten(0, 1)[predictors]
         token_logprobs = chunked_logprobs(hidden, head.weight, targets, temperature, chunk_size, head.bias)
     return token_logprobs.new_zeros(len(input_ids)).index_add(0, rows, token_logprobs)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1401,6 +1437,8 @@ def load_policy(source: str, device: torch.device):
         raise ConfigError(f"{source}: logits post-processed by {scaled} are not supported")
     if tokenizer.pad_token_id is None:  # pythia and others have none; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
+    if model.config._attn_implementation == "sdpa":
+        use_short_attention(model)
     model.eval()  # no dropout: log-probs must be those of the policy we sampled from
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, origin

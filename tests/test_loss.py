@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import online_sft
 from online_sft import (
+    SHORT_ATTENTION_SCORES,
     chunked_logprobs,
     cut_after_eos,
     generate,
@@ -16,20 +18,21 @@ from online_sft import (
     rloo_baseline,
     sample_tokens,
     sequence_logprobs,
+    use_short_attention,
 )
 
 EOS = 3  # tiny vocabulary {0, 1, 2, EOS}
 
 
-def tiny_policy(seed: int) -> LlamaForCausalLM:
+def tiny_policy(seed: int, heads: int = 2, kv_heads: int = 1) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=4,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=32,
         eos_token_id=EOS,
         pad_token_id=EOS,
@@ -263,6 +266,40 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(attention):
     # before that norm's backward instead of after: the two agree to fp32 rounding, not fp64's.
     shared_grad, full_grad = torch.cat([g.flatten() for g in shared_grad]), torch.cat([g.flatten() for g in full_grad])
     assert ((shared_grad - full_grad).norm() / full_grad.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_short_attention_gives_sdpa_logprobs_and_gradients(group_size, monkeypatch):
+    """short_attention (plain matmuls for a small layer) against SDPA: same s and gradient, with grouped-query heads,
+    on left-padded rows (whose pads have nothing to attend to: they must not turn into NaN) and on packed groups;
+    above its size limit it hands the layer to SDPA."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    calls, sdpa = [], sdpa_module.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    model = tiny_policy(7, heads=4, kv_heads=2)  # two key/value heads, each shared by two query heads
+    torch.manual_seed(2)
+    batch = [
+        {"prompt": prompt, "response": torch.randint(3, (length - 1,)).tolist() + [EOS]}
+        for prompt in ([1, 0, 2, 2, 1], [2, 1])
+        for length in (3, 1, 5)
+    ]
+    packed = pack(batch, pad_id=EOS)
+
+    def logprobs_and_gradient():
+        s = sequence_logprobs(model, *packed, group_size=group_size)
+        grad = torch.autograd.grad(s.square().sum(), list(model.parameters()))
+        return s, torch.cat([g.flatten() for g in grad])
+
+    expected, expected_grad = logprobs_and_gradient()
+    use_short_attention(model)
+    for limit, handed_over in ((SHORT_ATTENTION_SCORES, False), (0, True)):
+        monkeypatch.setattr(online_sft, "SHORT_ATTENTION_SCORES", limit)
+        calls.clear()
+        s, grad = logprobs_and_gradient()
+        assert bool(calls) == handed_over
+        torch.testing.assert_close(s, expected, rtol=1e-6, atol=1e-6)  # its softmax runs in fp32
+        assert ((grad - expected_grad).norm() / expected_grad.norm()).item() < 1e-6
 
 
 def test_sample_tokens_draws_from_the_softmax_and_the_nucleus():
