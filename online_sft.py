@@ -1437,7 +1437,7 @@ def load_policy(source: str, device: torch.device):
         raise ConfigError(f"{source}: logits post-processed by {scaled} are not supported")
     if tokenizer.pad_token_id is None:  # pythia and others have none; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
-    if model.config._attn_implementation == "sdpa":
+    if model.config._attn_implementation == "sdpa" and device.type == "cpu":  # measured on CPUs only
         use_short_attention(model)
     model.eval()  # no dropout: log-probs must be those of the policy we sampled from
     model.generation_config.pad_token_id = tokenizer.pad_token_id

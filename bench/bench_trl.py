@@ -8,7 +8,8 @@ Run from the repository root (it installs TRL into its own virtualenv, .venv-ben
 Both trainers get SmolLM2-135M-Instruct from the embedded package, the arith task, the same prompts in the same
 order, and the same prompts per step, generations per prompt, response length, temperature, learning rate (constant),
 beta, gradient clipping, micro-batch size, gradient accumulation and number of steps. Everything else is each one's
-own default: TRL (GRPO loss "dapo", group-normalised advantages, gradient checkpointing on) samples with
+own default: TRL (GRPO loss "dapo", group-normalised advantages, gradient checkpointing on, transformers' SDPA
+attention) samples with
 transformers' `generate` and trains under accelerate's bf16 autocast when online_sft's --dtype auto picks bf16 (on this
 machine's AVX-512 BF16 CPU it does), fp32 otherwise. Each run is a separate process, so each peak resident memory
 figure (ru_maxrss) is that run's alone. online_sft and TRL run side by side but take turns, one optimiser step each,
@@ -270,6 +271,7 @@ def child_trl(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
     num_prompts = derived["num_steps"] * derived["episodes_per_step"] // args.num_generations
     eval_rows, train_rows = prompt_rows(args, num_prompts)
     policy, tokenizer, _ = online_sft.load_policy(args.model_name_or_path, torch.device("cpu"))
+    policy.set_attn_implementation("sdpa")  # transformers' default, as TRL's users run it (not online_sft's own)
     # TRL renders the chat template itself: check it gives the prompt tokens online_sft trains on.
     messages = [{"role": "user", "content": train_rows[0]["content"]}]
     trl_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
