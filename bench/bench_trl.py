@@ -9,9 +9,8 @@ Both trainers get SmolLM2-135M-Instruct from the embedded package, the arith tas
 order, and the same prompts per step, generations per prompt, response length, temperature, learning rate (constant),
 beta, gradient clipping, micro-batch size, gradient accumulation and number of steps. Everything else is each one's
 own default: TRL (GRPO loss "dapo", group-normalised advantages, gradient checkpointing on, transformers' SDPA
-attention) samples with
-transformers' `generate` and trains under accelerate's bf16 autocast when online_sft's --dtype auto picks bf16 (on this
-machine's AVX-512 BF16 CPU it does), fp32 otherwise. Each run is a separate process, so each peak resident memory
+attention) samples with transformers' `generate` and trains under accelerate's bf16 autocast when online_sft's
+--dtype auto picks bf16 (on this machine's AVX-512 BF16 CPU it does), fp32 otherwise. Each run is a separate process, so each peak resident memory
 figure (ru_maxrss) is that run's alone. online_sft and TRL run side by side but take turns, one optimiser step each,
 so that other load on a shared machine falls on both alike (a step's time never includes the wait for its turn);
 then --baseline rloo, then the long-response setting of each. It prints:
