@@ -837,6 +837,7 @@ def pack_groups(
     positions it has in its own row, so every token sees what it sees in pack()'s layout.
     -> ids, positions (G, L), mask (G, 1, L, L) (True: may attend), and for each response token in pack()'s row-major
     order: the flat index into (G, L) of the position that predicts it (N,)."""
+    device, input_ids = input_ids.device, input_ids.cpu()  # built on the CPU: small tensors, filled piece by piece
     start = int(response_mask.any(0).int().argmax())  # pack(): every response starts in this column
     prompt_lengths = attention_mask[:, :start].sum(1).tolist()
     response_lengths = response_mask[:, start:].sum(1).tolist()
@@ -861,7 +862,6 @@ def pack_groups(
     causal = torch.ones(width, width, dtype=torch.bool).tril()  # [query, key]
     visible = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
     mask = (causal & visible) | torch.eye(width, dtype=torch.bool)  # padding sees itself: no row is all masked
-    device = input_ids.device
     return ids.to(device), positions.to(device), mask[:, None].to(device), torch.tensor(predictors, device=device)
 
 
@@ -881,8 +881,8 @@ def sequence_logprobs(
     of a sequence give the same s. Only response positions go through the LM head, chunk_size at a time.
     group_size > 1 needs pack()'s layout with rows in runs of group_size sharing a prompt (the samples of one
     prompt): each run then goes through the model as one sequence, its prompt once (pack_groups). A group costs one
-    prompt plus its responses instead of group_size prompts, in one pass instead of a pass per length bucket; the
-    padding is the spread of the groups' total lengths, smaller than that of single responses."""
+    prompt plus its responses instead of group_size prompts, all in one pass, and the padding is the spread of the
+    groups' total lengths, smaller than that of single responses."""
     from torch.distributed.fsdp import FSDPModule
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
