@@ -830,15 +830,14 @@ def use_short_attention(model):
 
 
 def pack_groups(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, group_size: int
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, start: int, group_size: int
 ) -> tuple[torch.Tensor, ...]:
-    """pack()'s rows, in runs of group_size sharing a prompt, as one row per run: the prompt once, then each of the
-    run's responses, right-padded. A response attends to the prompt and to its own earlier tokens and has the
+    """pack()'s rows (every response starting in column start), in runs of group_size sharing a prompt, as one row
+    per run: the prompt once, then each of the run's responses, right-padded. A response attends to the prompt and to its own earlier tokens and has the
     positions it has in its own row, so every token sees what it sees in pack()'s layout.
     -> ids, positions (G, L), mask (G, 1, L, L) (True: may attend), and for each response token in pack()'s row-major
     order: the flat index into (G, L) of the position that predicts it (N,)."""
     device, input_ids = input_ids.device, input_ids.cpu()  # built on the CPU: small tensors, filled piece by piece
-    start = int(response_mask.any(0).int().argmax())  # pack(): every response starts in this column
     prompt_lengths = attention_mask[:, :start].sum(1).tolist()
     response_lengths = response_mask[:, start:].sum(1).tolist()
     firsts = range(0, len(input_ids), group_size)
@@ -914,7 +913,9 @@ def sequence_logprobs(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state[:, start - 1 : -1][mask]  # hidden[:, j] predicts input_ids[:, start + j]
         else:
-            ids, positions, visible, predictors = pack_groups(input_ids, attention_mask, response_mask, group_size)
+            ids, positions, visible, predictors = pack_groups(
+                input_ids, attention_mask, response_mask, start, group_size
+            )
             if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
                 visible = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, -torch.inf)
             hidden = backbone(input_ids=ids, attention_mask=visible, position_ids=positions, use_cache=False)
