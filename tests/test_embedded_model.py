@@ -10,7 +10,9 @@ from online_sft import EMBEDDED_GGUF, embedded_model_folder, render_prompt
 
 def test_embedded_model_is_converted_once_and_matches_the_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("ONLINE_SFT_CACHE", str(tmp_path))
+    rng = torch.get_rng_state()
     folder, origin = embedded_model_folder()
+    assert torch.equal(torch.get_rng_state(), rng)  # a converting run samples as a cached one does
     assert folder == tmp_path / "SmolLM2-135M-Instruct" and "de-quantised" in origin
     assert not list(tmp_path.glob("*.tmp*"))  # written under a temporary name, then renamed
     again, origin = embedded_model_folder()
