@@ -711,6 +711,19 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> tor
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
 
 
+def cache_keyword(model) -> str:
+    """The name of the KV-cache argument of model's forward: transformers 5.24 calls it `cache`, 5.19/5.20 (the vLLM
+    pins) `past_key_values`. A wrong name lands in **kwargs unread and every decode step then sees only its own token,
+    silently, so the name is read from the signature and an unknown signature fails loudly."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ConfigError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`: cannot generate")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -738,8 +751,9 @@ def generate(
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache, eos = DynamicCache(config=model.config), torch.tensor(eos_ids, device=device)
+    cache_kw = {cache_keyword(model): cache}
     with autocast:  # one region for the whole loop: autocast casts the weights to bf16 once, not once per token
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=1, **cache_kw)
         logits = logits.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
         cache.batch_repeat_interleave(num_samples)
         mask, position = mask.repeat_interleave(num_samples, 0), position[:, -1:].repeat_interleave(num_samples, 0)
@@ -758,7 +772,7 @@ def generate(
                 running, token, mask, position = running[going_on], token[going_on], mask[going_on], position[going_on]
                 cache.batch_select_indices(going_on.nonzero().squeeze(1))
             mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), position + 1
-            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache)
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, **cache_kw)
             logits = logits.logits[:, -1]
     return cut_after_eos(tokens[:, : t + 1].cpu(), eos_ids, pad_id)
 
