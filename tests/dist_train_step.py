@@ -12,13 +12,21 @@ import online_sft
 
 model_dir, out_file = sys.argv[1], sys.argv[2]
 rank, world, device = online_sft.setup_distributed()
+# Pairs of samples share a prompt (num_generations 2), so micro-batches run packed groups; a log-prob chunk of 3
+# tokens makes the LM head run in several recomputed chunks, sharded or not.
 args = online_sft.Args(
-    per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=1, beta=0.1, learning_rate=1e-3
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    num_generations=2,
+    beta=0.1,
+    learning_rate=1e-3,
+    logprob_chunk_size=3,
 )
 g = torch.Generator().manual_seed(0)
+prompts = [torch.randint(3, 200, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(4)]
 batch = [
     {
-        "prompt": torch.randint(3, 200, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist(),
+        "prompt": prompts[i // 2],
         "response": torch.randint(3, 200, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist(),
         "reward": torch.tensor(float(i % 3) - 1.0),
         "baseline": torch.tensor(0.0),
@@ -26,6 +34,16 @@ batch = [
     for i in range(8)
 ]
 policy, tokenizer, _ = online_sft.load_policy(model_dir, device)
+plain = None
+if world == 1:  # s from the whole-vocabulary logits of each sequence alone, to compare the chunked, packed path with
+    with torch.no_grad():
+        plain = []
+        for x in batch:
+            ids = torch.tensor([x["prompt"] + x["response"]])
+            logp = policy(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            t = torch.arange(len(x["prompt"]) - 1, ids.size(1) - 1)
+            plain.append(logp[t, ids[0, t + 1]].sum())
+        plain = torch.stack(plain)
 ref = online_sft.load_policy(model_dir, device)[0].requires_grad_(False)
 if world > 1:
     policy, ref = online_sft.shard(policy, device, torch.float32), online_sft.shard(ref, device, torch.float32)
@@ -54,7 +72,7 @@ s, s_ref = torch.cat(online_sft.gather(s)), torch.cat(online_sft.gather(s_ref))
 if rank == 0:
     rewards = torch.stack([x["reward"] for x in batch])
     loss = online_sft.online_sft_loss(s, s_ref, rewards, args.beta).mean()
-    torch.save({"loss": loss, "s": s, "grads": grads, "weights": weights, "names": names}, out_file)
+    torch.save({"loss": loss, "s": s, "plain": plain, "grads": grads, "weights": weights, "names": names}, out_file)
 if world > 1:
     torch.distributed.barrier()  # rank 0 may still be saving: both are done before either tears gloo down
     torch.distributed.destroy_process_group()

@@ -32,6 +32,7 @@ def test_two_ranks_give_the_same_step_as_one_process(tiny_model_dir, tmp_path):
     a, b = torch.load(one), torch.load(two)
     torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(b["s"], a["s"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a["s"], a["plain"], rtol=1e-5, atol=1e-5)  # chunked and packed = full logits
     for name, grad in a["grads"].items():  # the sharded gradients, gathered, equal the whole-batch ones
         torch.testing.assert_close(b["grads"][name], grad, rtol=1e-5, atol=1e-7)
     # Adam's first step is lr*g/(|g| + eps): where |g| is near eps (1e-8) a float-noise gradient difference of 1e-10
