@@ -48,7 +48,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -753,7 +753,8 @@ def generate(
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache, eos = DynamicCache(config=model.config), torch.tensor(eos_ids, device=device)
     cache_kw = {cache_keyword(model): cache}
-    with autocast:  # one region for the whole loop: autocast casts the weights to bf16 once, not once per token
+    # one autocast region for the whole loop: autocast casts the weights to bf16 once, not once per token
+    with autocast, gathered_while_generating(model):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=1, **cache_kw)
         logits = logits.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
         cache.batch_repeat_interleave(num_samples)
@@ -766,7 +767,7 @@ def generate(
             going_on = ~torch.isin(token, eos)
             # synced: under FSDP every forward is a collective, so a rank whose responses all ended keeps stepping
             # (on its last rows, cut after their EOS at the end) until every rank's have
-            finished = all(gather(not going_on.any())) if synced else not going_on.any()
+            finished = not (any_rank(going_on.any()) if synced else going_on.any())
             if t == max_new_tokens - 1 or finished:
                 break
             if going_on.any() and not going_on.all():  # finished rows leave the batch: the others run on without them
@@ -776,6 +777,24 @@ def generate(
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, **cache_kw)
             logits = logits.logits[:, -1]
     return cut_after_eos(tokens[:, : t + 1].cpu(), eos_ids, pad_id)
+
+
+@contextmanager
+def gathered_while_generating(model):
+    """Under FSDP, each decoder layer keeps its gathered parameters from its first forward to the end of the block,
+    instead of gathering them again for every token (reshard_after_forward); the root never reshards after a forward.
+    Costs one copy of the model in the compute dtype while generating. A no-op for a plain model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = [m for m in decoder_layers(model) if isinstance(m, FSDPModule)] if isinstance(model, FSDPModule) else []
+    for layer in layers:
+        layer.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.reshard()
+            layer.set_reshard_after_forward(True)
 
 
 def chunked_logprobs(
@@ -1033,6 +1052,16 @@ def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether flag (a bool scalar) is true on any rank: one tensor all-reduce, not a pickled all_gather_object, as it
+    runs once per generated token."""
+    import torch.distributed as dist
+
+    flag = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

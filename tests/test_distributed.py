@@ -4,6 +4,7 @@ be tested without a GPU. (vLLM itself and NCCL need a GPU: bench/gpu_check.py.)"
 import json
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from conftest import cli_flags
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from online_sft import ConfigError, decoder_layers, vllm_outputs_to_tensors, vllm_requests, vllm_weights
+from online_sft import ConfigError, decoder_layers, generate, vllm_outputs_to_tensors, vllm_requests, vllm_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -187,3 +188,30 @@ def test_tldr_on_two_ranks_shards_gpt_neox(neox_policy_dir, neox_reward_dir, tld
     assert len(evals) == 2 and all(r["eval/kl"] == r["eval/kl"] for r in evals)  # before and after, not NaN
     samples = (tmp_path / "tldr" / "eval_samples" / "step_000002.jsonl").read_text().splitlines()
     assert len(samples) == 5
+
+
+def test_sharded_generation_gathers_each_layer_once(tiny_model_dir, tmp_path):
+    """Generation under FSDP keeps each layer's gathered parameters for the whole block (it used to gather every
+    layer again for every token) and agrees on stopping with a tensor all-reduce (it used to all_gather_object per
+    token); the greedy responses are those of the unsharded model."""
+    result = run([*TORCHRUN, str(ROOT / "tests" / "dist_generate.py"), str(tiny_model_dir), str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        layers = len(decoder_layers(policy))
+        assert out["calls"]["all_gather_object"] == 0
+        gathers = out["calls"]["all_gather_single"] + out["calls"]["all_gather_into_tensor"]
+        assert gathers == layers + 1  # each layer once, and the root, for 12 tokens
+        alone = generate(
+            policy,
+            out["prompts"],
+            pad_id=0,
+            eos_ids=[-1],
+            max_new_tokens=12,
+            temperature=1.0,
+            top_p=1.0,
+            greedy=True,
+            autocast=nullcontext(),
+        )
+        assert torch.equal(out["ids"], alone[0])
