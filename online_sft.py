@@ -1109,20 +1109,28 @@ def full_state_dict(model, world: int) -> dict | None:
     return state or None
 
 
-def optimizer_state(policy, optimizer, world: int) -> dict:
+def optimizer_state(policy, optimizer, world: int, folder: Path) -> dict | None:
+    """The optimiser's state for a checkpoint. Under FSDP every rank writes its own shard to folder with
+    torch.distributed.checkpoint (a collective) and None is returned: no rank ever holds the whole state."""
     if world == 1:
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=folder)
+    return None
 
 
-def load_optimizer_state(policy, optimizer, state: dict, world: int):
+def load_optimizer_state(policy, optimizer, state: dict | None, world: int, folder: Path):
+    """Inverse of optimizer_state. Under FSDP each rank reads only its shards from folder, into the sharded state."""
     if world == 1:
         return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    sharded = {"optimizer": get_optimizer_state_dict(policy, optimizer)}  # initialises the state to load into
+    dcp.load(sharded, checkpoint_id=folder)
+    set_optimizer_state_dict(policy, optimizer, sharded["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1454,7 +1462,10 @@ def prompt_budget(source: str, response_length: int) -> int:
     try:
         config = AutoConfig.from_pretrained(model_folder(source)[0])
     except (OSError, ValueError) as e:
-        raise ConfigError(f"could not load the config of model {source!r}: {str(e).splitlines()[0]}") from e
+        raise ConfigError(
+            f"could not load model {source!r}: {str(e).splitlines()[0]} (check the name or folder; the model hub is "
+            "needed for ids not cached locally)"
+        ) from e
     context = getattr(config, "max_position_embeddings", None) or 10**9
     if response_length >= context:
         raise ConfigError(
@@ -1509,7 +1520,9 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def load_policy(source: str, device: torch.device):
+def load_policy(source: str, device: torch.device, attention_for: torch.device | None = None):
+    """Model and tokenizer from a hub id or folder, fp32 weights on device. attention_for: the device the model will
+    compute on, when it loads elsewhere (on the CPU, to be sharded onto GPUs); it picks the attention kernel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, origin = model_folder(source)
@@ -1526,11 +1539,44 @@ def load_policy(source: str, device: torch.device):
         raise ConfigError(f"{source}: logits post-processed by {scaled} are not supported")
     if tokenizer.pad_token_id is None:  # pythia and others have none; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
-    if model.config._attn_implementation == "sdpa" and device.type == "cpu":  # measured on CPUs only
+    if model.config._attn_implementation == "sdpa" and (attention_for or device).type == "cpu":  # measured on CPUs
         use_short_attention(model)
     model.eval()  # no dropout: log-probs must be those of the policy we sampled from
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, origin
+
+
+def load_models(args: Args, checkpoint: Path | None, device: torch.device, dtype: torch.dtype, world: int):
+    """The policy (from the checkpoint when resuming), the frozen reference (always the original model), sharded
+    under FSDP. -> policy, ref, tokenizer, a note of where the weights came from.
+
+    Each model is built once: the reference is a copy of the policy, or loaded from the source when resuming (not a
+    third copy). Under FSDP the weights load on the CPU, and shard() moves each layer's shard to the device as it
+    wraps it, so a device holds its shards plus one layer, never a whole fp32 model."""
+    load_on = torch.device("cpu") if world > 1 else device
+    source = str(checkpoint) if checkpoint else args.model_name_or_path
+    policy, tokenizer, origin = load_policy(source, load_on, attention_for=device)
+    if checkpoint:
+        ref, _, ref_origin = load_policy(args.model_name_or_path, load_on, attention_for=device)
+        origin = f"{checkpoint} (reference: {ref_origin})"
+    else:
+        ref = copy.deepcopy(policy)
+    ref.requires_grad_(False)
+    if dtype != torch.float32 and world == 1:  # autocast would cast the frozen reference's matmul weights at every
+        # forward: cast them once (same results, half their memory). A tied LM head gets its own copy, the embedding
+        # and norms stay fp32.
+        for module in ref.modules():
+            if isinstance(module, torch.nn.Linear):
+                for name, p in module.named_parameters(recurse=False):
+                    setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+    elif world > 1:  # FSDP's MixedPrecisionPolicy casts every parameter to dtype when it gathers: cast the frozen
+        # reference's shards once instead (the same results, half their memory)
+        ref.to(dtype)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    if world > 1:
+        policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
+    return policy, ref, tokenizer, origin
 
 
 def enable_gradient_checkpointing(model):
@@ -1590,11 +1636,11 @@ def save_model(folder: Path, policy, tokenizer, weights: dict):
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, weights: dict, state: dict, keep: int) -> Path:
-    """Model, tokenizer and trainer state (optimiser, scheduler, RNGs and data position of every rank, counters,
-    args), written under a temporary name and renamed, so a kill mid-write never leaves a half checkpoint as the
+    """Model, tokenizer and trainer state (optimiser (under FSDP: the ranks' shards, already in tmp/optimizer),
+    scheduler, RNGs and data position of every rank, counters, args), written under a temporary name and renamed, so a kill mid-write never leaves a half checkpoint as the
     newest."""
-    final, tmp = run_dir / f"checkpoint-{step:06d}", run_dir / f"tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
+    final, tmp = run_dir / f"checkpoint-{step:06d}", run_dir / f"tmp-checkpoint-{step:06d}"  # tmp: emptied by
+    # checkpoint_now() before the ranks wrote their optimiser shards into it
     save_model(tmp, policy, tokenizer, weights)
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)  # a resumed run reaching the same step again
@@ -1887,22 +1933,7 @@ def main(args: Args) -> Path:
         print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
     max_prompt_tokens = prompt_budget(args.model_name_or_path, args.response_length)  # before the weights load
-    policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
-    ref = copy.deepcopy(policy).requires_grad_(False)
-    if dtype != torch.float32 and world == 1:  # autocast would cast the frozen reference's matmul weights at every
-        # forward: cast them once (same results, half their memory). A tied LM head gets its own copy, the embedding
-        # and norms stay fp32. (Under FSDP its MixedPrecisionPolicy casts, and wants one dtype per unit.)
-        for module in ref.modules():
-            if isinstance(module, torch.nn.Linear):
-                for name, p in module.named_parameters(recurse=False):
-                    setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
-    if checkpoint:  # the reference stays the original model; the policy continues from the checkpoint
-        policy, tokenizer, _ = load_policy(str(checkpoint), device)
-        origin = f"{checkpoint} (reference: {origin})"
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-    if world > 1:
-        policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
+    policy, ref, tokenizer, origin = load_models(args, checkpoint, device, dtype, world)
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
     usable = [r for r in eval_rows if len(render_prompt(tokenizer, r["content"])) <= max_prompt_tokens]
@@ -1992,7 +2023,7 @@ def main(args: Args) -> Path:
         return metrics
 
     if state:
-        load_optimizer_state(policy, optimizer, state["optimizer"], world)
+        load_optimizer_state(policy, optimizer, state["optimizer"], world, checkpoint / "optimizer")
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"][rank])
         set_rng_state(state["rng"][rank])
@@ -2008,7 +2039,12 @@ def main(args: Args) -> Path:
 
     def checkpoint_now(step: int) -> Path:
         # collectives first (every rank), then rank 0 writes
-        weights, optimizer_sd = full_state_dict(policy, world), optimizer_state(policy, optimizer, world)
+        tmp = run_dir / f"tmp-checkpoint-{step:06d}"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
+        gather(None)  # a barrier: the ranks write their optimiser shards into the emptied folder
+        weights = full_state_dict(policy, world)
+        optimizer_sd = optimizer_state(policy, optimizer, world, tmp / "optimizer")
         trainer_state = {
             "step": step,
             "episodes": episodes,

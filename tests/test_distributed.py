@@ -18,6 +18,7 @@ from online_sft import ConfigError, decoder_layers, generate, vllm_outputs_to_te
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+OPTIMIZER_SHARDS = [".metadata", "__0_0.distcp", "__1_0.distcp"]  # torch.distributed.checkpoint's files, 2 ranks
 
 
 def run(cmd, timeout=300, **kw):
@@ -65,7 +66,9 @@ def test_main_on_two_ranks_leaves_the_same_run_folder(tiny_model_dir, tmp_path):
     def listing(run_dir):
         return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if "tfevents" not in p.name)
 
-    assert listing(tmp_path / "two") == listing(tmp_path / "one")
+    sharded_optimizer = {"checkpoint-000006/optimizer", *(f"checkpoint-000006/optimizer/{f}" for f in OPTIMIZER_SHARDS)}
+    assert sorted(set(listing(tmp_path / "two")) - sharded_optimizer) == listing(tmp_path / "one")
+    assert sharded_optimizer <= set(listing(tmp_path / "two"))  # each rank wrote its own optimiser shard
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/accuracy" in r]
     assert [r["episodes"] for r in train] == [8, 16, 24, 32, 40, 48]  # both ranks' samples, reduced before logging
@@ -215,3 +218,46 @@ def test_sharded_generation_gathers_each_layer_once(tiny_model_dir, tmp_path):
             autocast=nullcontext(),
         )
         assert torch.equal(out["ids"], alone[0])
+
+
+def test_two_ranks_resume_from_sharded_optimizer_state_exactly(tiny_model_dir, tmp_path):
+    """Under FSDP each rank writes and reads only its own optimiser shards (torch.distributed.checkpoint), and the
+    reference is reloaded from the original model: a run resumed from its step-2 checkpoint ends bit for bit where
+    the straight run ends."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    flags = cli_flags(
+        model_name_or_path=tiny_model_dir,
+        output_dir=tmp_path,
+        total_episodes=32,
+        per_device_train_batch_size=4,
+        response_length=6,
+        eval_size=4,
+        eval_every=2,
+        save_every=2,
+        learning_rate="1e-3",
+    )
+    straight = run([*TORCHRUN, "online_sft.py", *flags, "--run_name", "straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint = tmp_path / "straight" / "checkpoint-000002"
+    assert sorted(p.name for p in (checkpoint / "optimizer").iterdir()) == OPTIMIZER_SHARDS
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["optimizer"] is None  # not in here
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint-000004"))
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    resumed = run(
+        [
+            *TORCHRUN,
+            "online_sft.py",
+            *flags,
+            "--run_name",
+            "resumed",
+            "--resume",
+            str(tmp_path / "resumed" / checkpoint.name),
+        ]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
