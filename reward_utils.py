@@ -126,7 +126,11 @@ _ANSWER_LINE_RE = re.compile(
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _DELIMITER_ONLY_RE = re.compile(r"[\s$*]*(?:\\\[|\\\]|\\\(|\\\))?[\s$*]*")
 _GAP_TEXT_RE = re.compile(r"\\(?:text|textrm|mathrm)\s*\{([^{}]*)\}")
-_GAP_RE = re.compile(r"[\s,;&.$]*(?:(or|and)[\s,;&$]*)?", re.IGNORECASE)
+# What may sit between two boxes of one answer: math delimiters and TeX spaces (whatever wraps each box), punctuation,
+# joining or hedging words, and the name the next box's value is given ("or \\(x = \\boxed{3}\\)").
+_GAP_NOISE_RE = re.compile(r"\\[()\[\]]|\$|\\(?:quad|qquad|[,;:! ])|[\s,;&.*]")
+_GAP_NAME_RE = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=\s*$")
+_GAP_WORDS = {"or", "and", "maybe", "possibly", "perhaps", "probably", "also"}
 
 
 def _match_brace(s: str, i: int) -> int:
@@ -171,23 +175,21 @@ def _boxes(s: str) -> list[tuple[int, int, str]]:
 
 
 def _last_boxed(s: str) -> tuple[int | None, str | None]:
-    """Position and content of the last box; boxes on its line joined only by `,`/`or`/`and` are merged."""
+    """Position and content of the last box; the boxes before it that only delimiters, punctuation and joining or
+    hedging words separate ("\\(\\boxed{3}\\) or maybe \\(\\boxed{5}\\)") are merged with it into one list."""
     boxes = _boxes(s)
     if not boxes:
         return None, None
     group = [boxes[-1]]
     joins: list[str] = []
     for prev in reversed(boxes[:-1]):
-        gap = s[prev[1] : group[0][0]]
-        if "\n" in gap:
-            break
-        gap = _GAP_TEXT_RE.sub(r" \1 ", gap)
-        gap = re.sub(r"\\(?:quad|qquad|[,;:! ])", " ", gap)
-        m = _GAP_RE.fullmatch(gap)
-        if not m:
-            break  # prose between the boxes: an earlier answer that was revised, not part of this one
+        gap = _GAP_TEXT_RE.sub(r" \1 ", s[prev[1] : group[0][0]])
+        gap = _GAP_NAME_RE.sub("", _GAP_NOISE_RE.sub(" ", gap))
+        words = gap.lower().split()
+        if not set(words) <= _GAP_WORDS:
+            break  # prose between the boxes ("wait, actually"): an earlier answer that was revised, not a hedge
         group.insert(0, prev)
-        joins.insert(0, " or " if (m.group(1) or "").lower() == "or" else ", ")
+        joins.insert(0, ", " if set(words) <= {"and"} else " or ")
     text = group[0][2]
     for join, box in zip(joins, group[1:]):
         text += join + box[2]
@@ -413,9 +415,11 @@ def _clean(s: str) -> str:
     s = re.sub(r"\\(leq?|geq?|neq?)(?:slant)?(?![A-Za-z])", lambda m: "\\" + m.group(1)[:2], s)
     s = s.replace("<=", "\\le ").replace(">=", "\\ge ")
     s = re.sub(r"\\in(?![A-Za-z])", r" \\in ", s)  # "x\in[2,5]": give _strip_lhs its separator
-    s = re.sub(r"\\[,!>]", "", s)  # thin spaces: removing them also glues "1\,000" into 1000
+    # Thin spaces go, which glues "1\,000" into 1000; `\!` (negative space) pulls its neighbours together, so the
+    # spaces around it go too ("32,\! 349"), as do those of a brace-protected comma ("14 {, }916" is "14{,}916").
+    s = re.sub(r"\s*\\!\s*|\\[,>]", "", s)
     s = re.sub(r"\\(?:[;: ]|quad(?![A-Za-z])|qquad(?![A-Za-z]))|~", " ", s)
-    s = s.replace("{,}", ",")
+    s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)
     s = _DEGREE_RE.sub(r"\\degree ", s)
     s = re.sub(r"\\%|\s*\bpercent\b", "%", s)
     s = re.sub(r"\s+", " ", s).strip()
@@ -594,10 +598,13 @@ def _structure(s: str, depth: int = 0) -> tuple:
     parts = _split_top(s, ("\\cup",))
     if len(parts) > 1:
         return ("union", tuple(_structure(p, depth + 1) for p in parts))
-    if s.startswith("\\{") and s.endswith("\\}") and _encloses(s, 2, 2):
-        inner = s[2:-2].strip()
+    # `\{1, 2\}`, and `{1, 2}` as models write it once the backslashes are lost (a TeX group never holds a comma).
+    brace = 2 if s.startswith("\\{") and s.endswith("\\}") else 1 if s[:1] == "{" and s[-1:] == "}" else 0
+    if brace and _encloses(s, brace, brace):
+        inner = s[brace:-brace].strip()
         items = _split_top(inner, (",", ";")) if inner else []
-        return ("set", _flatten(tuple(_structure(p, depth + 1) for p in items)))
+        if brace == 2 or len(items) > 1:
+            return ("set", _flatten(tuple(_structure(p, depth + 1) for p in items)))
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s, 1, 1):
         items = _split_top(s[1:-1], (",",))
         if len(items) >= 2:
@@ -1213,12 +1220,110 @@ def _rat(node: tuple) -> Fraction:
     raise _NotRational
 
 
-def _try_rat(node: tuple):
-    """Fraction, or one of the exception classes that stopped exact evaluation."""
+# A polynomial with rational coefficients: {monomial: coefficient}, a monomial being a sorted tuple of
+# (symbol, exponent); zero coefficients are never stored, so equal polynomials are equal dicts. A number is the
+# polynomial {(): value}. Exact, in-process, and it decides what answers mostly are: numbers, polynomials, and the
+# linear equations and inequalities of lines and half-lines.
+MAX_TERMS = 256  # expanding (a + b + c)^20 is no answer check: larger polynomials go to the float/sympy path
+
+
+def _poly_add(p: dict, q: dict, sign: int = 1) -> dict:
+    out = dict(p)
+    for m, c in q.items():
+        v = out.get(m, 0) + sign * c
+        if v:
+            if _bits(v) > MAX_BITS:
+                raise _TooBig
+            out[m] = v
+        else:
+            out.pop(m, None)
+    return out
+
+
+def _poly_mul(p: dict, q: dict) -> dict:
+    if len(p) * len(q) > MAX_TERMS * MAX_TERMS:
+        raise _NotRational
+    out: dict = {}
+    for m1, c1 in p.items():
+        for m2, c2 in q.items():
+            if _bits(c1) + _bits(c2) > MAX_BITS:
+                raise _TooBig
+            powers = dict(m1)
+            for name, k in m2:
+                powers[name] = powers.get(name, 0) + k
+            out = _poly_add(out, {tuple(sorted(powers.items())): c1 * c2})
+    if len(out) > MAX_TERMS:
+        raise _NotRational
+    return out
+
+
+def _poly(node: tuple) -> dict:
+    """The polynomial node stands for, or _NotRational (irrational constants, roots of variables, division by a
+    variable...), _TooBig, _Undefined."""
+    kind = node[0]
+    if kind == "sym":
+        return {((node[1], 1),): Fraction(1)}
+    if kind == "add":
+        total: dict = {}
+        for t in node[1]:
+            total = _poly_add(total, _poly(t))
+        return total
+    if kind == "mul":
+        prod = {(): Fraction(1)}
+        for f in node[1]:
+            prod = _poly_mul(prod, _poly(f))
+        return prod
+    if kind == "neg":
+        return {m: -c for m, c in _poly(node[1]).items()}
+    if kind in ("inv", "pow"):
+        base = _poly(node[1])
+        if not base.keys() - {()}:  # a constant base: rational arithmetic as in _rat
+            c = base.get((), Fraction(0))
+            if kind == "inv":
+                if c == 0:
+                    raise _Undefined
+                return {(): 1 / c}
+            v = _rat_pow(c, _rat(node[2]))
+            return {(): v} if v else {}
+        if kind == "inv":
+            raise _NotRational  # a rational function: left to the float screen and sympy
+        e = _rat(node[2])
+        if e.denominator != 1 or e < 0:
+            raise _NotRational
+        if len(base) == 1:  # a monomial: exponents multiply, however large (bounded by MAX_BITS)
+            ((m, c),) = base.items()
+            if e * max(k for _, k in m) > MAX_BITS:
+                raise _TooBig
+            return {tuple((name, k * int(e)) for name, k in m): _rat_pow(c, e)}
+        if e > 64:
+            raise _NotRational
+        out = {(): Fraction(1)}
+        for _ in range(int(e)):
+            out = _poly_mul(out, base)
+        return out
+    v = _rat(node)  # every other node is a constant, or not a polynomial (_rat raises _NotRational on symbols)
+    return {(): v} if v else {}
+
+
+def _try_poly(node: tuple):
+    """The polynomial, or one of the exception classes that stopped exact evaluation."""
     try:
-        return _rat(node)
+        return _poly(node)
     except (_NotRational, _TooBig, _Undefined) as e:
         return type(e)
+
+
+def _poly_symbols(p: dict) -> set[str]:
+    return {name for m in p for name, _ in m}
+
+
+def _poly_multiple(p: dict, q: dict) -> bool:
+    """Is p a non-zero rational multiple of q (the same equation "p = 0")? Both must involve a variable."""
+    if not _poly_symbols(p) or not _poly_symbols(q) or p.keys() != q.keys():
+        return False
+    m = next(iter(q))
+    ratio = p[m] / q[m]
+    return all(p[k] == ratio * q[k] for k in q)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1400,11 +1505,13 @@ def _scalar_equal(p: str, g: str, use_sympy: bool) -> bool | None:
 
 
 def _expr_equal(a: tuple, b: tuple, use_sympy: bool) -> bool | None:
-    ra, rb = _try_rat(a), _try_rat(b)
-    if ra in (_TooBig, _Undefined) or rb in (_TooBig, _Undefined):
+    if a == b:
+        return True  # the same tree: nothing to evaluate (this is how opaque sums and products compare)
+    pa, pb = _try_poly(a), _try_poly(b)
+    if pa in (_TooBig, _Undefined) or pb in (_TooBig, _Undefined):
         return False
-    if isinstance(ra, Fraction) and isinstance(rb, Fraction):
-        return ra == rb
+    if isinstance(pa, dict) and isinstance(pb, dict):
+        return pa == pb
     if _floats_differ(a, b):
         return False
     if not use_sympy:
