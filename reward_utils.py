@@ -551,36 +551,62 @@ _RELATION_RE = re.compile(r"(<|>|\\le(?![A-Za-z])|\\ge(?![A-Za-z])|\\lt(?![A-Za-
 _VAR_RE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?")
 
 
-def _inequality(s: str) -> tuple | None:
-    """ "x > 3" -> the interval (3, oo); "2 \\le x < 5" -> [2, 5). None if s is not such an inequality."""
-    parts = [p.strip() for p in _RELATION_RE.split(s)]
-    lower = {"<": "(", "\\lt": "(", "\\le": "["}
-    upper = {">": "(", "\\gt": "(", "\\ge": "["}
-    flip = {"(": ")", "[": "]"}
-    if len(parts) == 3 and all(parts):
-        a, op, b = parts
-        if _VAR_RE.fullmatch(b) and not _VAR_RE.fullmatch(a):  # "3 < x" reads as "x > 3"
-            a, b = b, a
-            op = {"<": ">", ">": "<", "\\lt": "\\gt", "\\gt": "\\lt", "\\le": "\\ge", "\\ge": "\\le"}[op]
-        if not _VAR_RE.fullmatch(a):
-            return None
-        if op in lower:
-            return ("tuple", "(", flip[lower[op]], (("scalar", "-\\infty"), ("scalar", b)))
-        return ("tuple", upper[op], ")", (("scalar", b), ("scalar", "\\infty")))
-    if len(parts) == 5 and all(parts) and _VAR_RE.fullmatch(parts[2]):
-        lo, op1, _, op2, hi = parts
-        if op1 in lower and op2 in lower:
-            return ("tuple", lower[op1], flip[lower[op2]], (("scalar", lo), ("scalar", hi)))
-        if op1 in upper and op2 in upper:
-            return ("tuple", upper[op2], flip[upper[op1]], (("scalar", hi), ("scalar", lo)))
+_UPPER_OPS = {"<": False, "\\lt": False, "\\le": True}  # "x op b" bounds x from above; True: closed
+_LOWER_OPS = {">": False, "\\gt": False, "\\ge": True}
+
+
+def _half_line(lhs: str, op: str, rhs: str) -> tuple[str, str, bool] | None:
+    """ "lhs op rhs" as (side, bound, closed) with side "upper" or "lower", for the one variable it constrains.
+
+    A linear inequality in one variable is solved exactly: a*x + b > 0 is x > -b/a for a > 0 and x < -b/a for
+    a < 0 ("-x > -1" is "x < 1", "2x > 4" is "x > 2"). Otherwise a variable alone on one side takes the other
+    side as its bound ("x > \\sqrt{2}")."""
+    closed = _UPPER_OPS.get(op, _LOWER_OPS.get(op))
+    upper = op in _UPPER_OPS
+    try:
+        diff = _poly_add(_poly(_parse(lhs)), _poly(_parse(rhs)), -1)  # lhs - rhs, "op 0"
+    except (_NotMath, _NotRational, _TooBig, _Undefined):
+        diff = None
+    terms = [m for m in diff if m] if diff is not None else []
+    if len(terms) == 1 and len(terms[0]) == 1 and terms[0][0][1] == 1:
+        a = diff[terms[0]]
+        bound = -diff.get((), Fraction(0)) / a
+        return ("upper" if upper == (a > 0) else "lower", f"{bound.numerator}/{bound.denominator}", closed)
+    for var, other, side in ((lhs, rhs, upper), (rhs, lhs, not upper)):
+        if _VAR_RE.fullmatch(var) and var not in _symbols_of(other):  # "x > a + 1": a symbolic bound
+            return ("upper" if side else "lower", other, closed)
     return None
+
+
+def _inequality(s: str) -> tuple | None:
+    """ "x > 3" -> the interval (3, oo); "2 \\le x < 5" and "-1 < 2x + 1 \\le 5" -> [2, 5) and (-1, 2]. None if s is
+    not such an inequality."""
+    parts = [p.strip() for p in _RELATION_RE.split(s)]
+    if len(parts) not in (3, 5) or not all(parts):
+        return None
+    bounds = [_half_line(parts[i], parts[i + 1], parts[i + 2]) for i in range(0, len(parts) - 2, 2)]
+    if None in bounds:
+        return None
+    lower = [b for b in bounds if b[0] == "lower"]
+    upper = [b for b in bounds if b[0] == "upper"]
+    if len(lower) > 1 or len(upper) > 1:
+        return None  # "1 < x > 3": not an interval
+    lo = lower[0] if lower else ("lower", "-\\infty", False)
+    hi = upper[0] if upper else ("upper", "\\infty", False)
+    return ("tuple", "[" if lo[2] else "(", "]" if hi[2] else ")", (("scalar", lo[1]), ("scalar", hi[1])))
 
 
 def _structure(s: str, depth: int = 0) -> tuple:
     """Parse the outer shape of an answer. Leaves are ("scalar", text)."""
-    s = _strip_lhs(s.strip())
+    s = s.strip()
     if depth > 8:
         return ("scalar", s)
+    value = _strip_lhs(s)
+    if value != s:
+        inner = _structure(value, depth + 1)
+        # "(x, y) = (1, 2)" is its tuple; "y = 2x + 1" stays an equation leaf, which _scalar_equal compares as an
+        # equation with an equation and by its value with a value.
+        return ("scalar", s) if inner[0] == "scalar" and _split_eq(s) else inner
     interval = (
         _inequality(s) if ("<" in s or ">" in s or "\\le" in s or "\\ge" in s or "\\lt" in s or "\\gt" in s) else None
     )
@@ -1450,17 +1476,34 @@ _CHOICE_PRED_RE = re.compile(r"\(?([A-E])(?:\)|(?=[\s:.])|$).*", re.DOTALL)
 
 
 def _split_eq(s: str) -> tuple[str, str] | None:
+    """The two ends of an equation or of a chain "x = 2 + 3 = 5"; None if s is not one."""
     parts = _split_top(s, ("=",))
-    if len(parts) != 2 or parts[0].endswith(("<", ">", "!")) or parts[1].startswith("="):
+    if len(parts) < 2 or not all(parts) or any(p.endswith(("<", ">", "!")) for p in parts):
         return None
-    return parts[0], parts[1]
+    return parts[0], parts[-1]
+
+
+def _equation_value(s: str) -> str | None:
+    """What an equation answers when the other side is a value: the right-hand side of "x = 3", "f(x) = x^2" or
+    "x \\approx 0.7", and a constant right-hand side whatever names it ("2 + 3 = 5", "m + n = 113": answers that
+    restate what was asked). None when it is an equation in unknowns that answers no value ("x^2 + y^2 = 1")."""
+    v = _strip_lhs(s)
+    if v != s:
+        return v
+    sides = _split_eq(s)
+    return sides[1] if sides and _is_constant(sides[1]) else None
+
+
+def _symbols_of(s: str) -> set[str] | None:
+    """The variables of an expression, or None if it is not one."""
+    try:
+        return _symbols(_parse(s))
+    except _NotMath:
+        return None
 
 
 def _is_constant(s: str) -> bool:
-    try:
-        return not _symbols(_parse(s))
-    except _NotMath:
-        return False
+    return _symbols_of(s) == set()
 
 
 def _text_key(s: str) -> str:
@@ -1480,12 +1523,16 @@ def _scalar_equal(p: str, g: str, use_sympy: bool) -> bool | None:
     if _key(p) == _key(g):
         return True  # "25%" vs "25": the label dropped the sign (see the percentage rule)
     pe, ge = _split_eq(p), _split_eq(g)
-    if pe and not ge and _is_constant(pe[0]):
-        p, pe = pe[1], None  # "2 + 3 = 5": the value after '=' is the answer
+    if pe and ge:
+        verdict = False
+        if _key(pe[0]) == _key(ge[0]):  # the same quantity named: "\\angle A = 30^\\circ" vs "\\angle A = 30"
+            verdict = _scalar_equal(pe[1], ge[1], use_sympy)
+        return verdict or _or_none(verdict, _equations_equal(pe, ge, use_sympy))
     if pe or ge:
-        if not (pe and ge):
+        p, g = (_equation_value(p), g) if pe else (p, _equation_value(g))
+        if p is None or g is None:
             return False
-        return _equations_equal(pe, ge, use_sympy)
+        return _scalar_equal(p, g, use_sympy)
     try:
         pa, ga = _parse(p), _parse(g)
     except _NotMath:
@@ -1502,6 +1549,11 @@ def _scalar_equal(p: str, g: str, use_sympy: bool) -> bool | None:
             if r is None:
                 verdict = None
     return verdict
+
+
+def _or_none(a: bool | None, b: bool | None) -> bool | None:
+    """Either verdict true: True; otherwise None if either is undecided, else False."""
+    return True if a or b else None if a is None or b is None else False
 
 
 def _expr_equal(a: tuple, b: tuple, use_sympy: bool) -> bool | None:
@@ -1524,6 +1576,9 @@ def _equations_equal(pe: tuple[str, str], ge: tuple[str, str], use_sympy: bool) 
         sides = [_parse(x) for x in (*pe, *ge)]
     except _NotMath:
         return False
+    polys = [_try_poly(x) for x in sides]
+    if all(isinstance(x, dict) for x in polys):  # lines, planes, conics with rational coefficients: decided exactly
+        return _poly_multiple(_poly_add(polys[0], polys[1], -1), _poly_add(polys[2], polys[3], -1))
     if not use_sympy:
         return None
     return _sympy_equations_equal(*sides)
