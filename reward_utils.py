@@ -478,7 +478,7 @@ def _key(s: str) -> str:
 # Structure: tuples, intervals, sets, lists, unions, matrices
 # --------------------------------------------------------------------------------------------------------------
 
-_MATRIX_RE = re.compile(r"\\begin\{([a-zA-Z]*matrix|array)\}(?:\{[lcr| ]*\})?(.*)\\end\{\1\}", re.DOTALL)
+_MATRIX_RE = re.compile(r"\\begin\{([a-zA-Z]*matrix|array)\}(?:\{[lcr| ]*\})?(.*?)\\end\{\1\}", re.DOTALL)
 _SIMPLE_VAR = r"(?:[A-Za-z]+|\\[A-Za-z]+)(?:_\{?\w+\}?)?"
 _SIMPLE_LHS_RE = re.compile(
     r"\s*(?:"
@@ -596,6 +596,74 @@ def _inequality(s: str) -> tuple | None:
     return ("tuple", "[" if lo[2] else "(", "]" if hi[2] else ")", (("scalar", lo[1]), ("scalar", hi[1])))
 
 
+_MATRIX_REF = "\x02"  # stands for the k-th matrix literal, "\x02k\x02", while a matrix expression is read
+_MATRIX_REF_RE = re.compile(r"\x02(\d+)\x02")
+_MATRIX_MUL_RE = re.compile(r"\\cdot|\\times|\*")
+
+
+def _matrix_value(s: str) -> list[list[str]] | None:
+    """Entries (as text) of a matrix answer: one literal, or a sum of products of literals and scalars
+    ("I + A", "2A", "AB"), with any brackets around a literal ("\\left[\\begin{array}...\\right]") read as its
+    delimiters. Arithmetic is done on the entries' text ("(a)(b)+(c)(d)"), which the scalar comparison then
+    evaluates exactly. None when s is not such an expression (a list or set of matrices, a transpose...)."""
+    literals: list[list[list[str]]] = []
+
+    def ref(m: re.Match) -> str:
+        rows = [r for r in m.group(2).split(_ROW) if r.strip()]
+        literals.append([[c.strip() for c in r.split("&")] for r in rows])
+        return f"{_MATRIX_REF}{len(literals) - 1}{_MATRIX_REF}"
+
+    skeleton = _MATRIX_RE.sub(ref, s)
+    if not literals or len(literals) > 8:
+        return None
+    skeleton = re.sub(r"[([]\s*(\x02\d+\x02)\s*[)\]]", r"\1", skeleton)
+    if _MATRIX_REF_RE.fullmatch(skeleton.strip()):
+        return literals[0]
+    total: list[list[str]] | None = None
+    for sign, term in _signed_terms(skeleton):
+        pieces = _MATRIX_REF_RE.split(term)  # scalar text, matrix index, scalar text, ...
+        scalars = [_MATRIX_MUL_RE.sub(" ", p).strip() for p in pieces[0::2]]
+        scalars = [x for x in scalars if x]
+        if len(pieces) < 3 or not all(_symbols_of(x) is not None for x in scalars):
+            return None  # a term without a matrix, or a factor that is not a scalar ("A^T", "A, B")
+        value = literals[int(pieces[1])]
+        for k in pieces[3::2]:
+            other = literals[int(k)]
+            if any(len(r) != len(other) for r in value) or len({len(r) for r in other}) != 1:
+                return None  # shapes that do not multiply: not an answer to grade by value
+            value = [
+                ["+".join(f"({r[i]})({other[i][j]})" for i in range(len(r))) for j in range(len(other[0]))]
+                for r in value
+            ]
+        coef = "".join(f"({x})" for x in scalars)
+        value = [[f"{sign}{coef}({e})" for e in r] for r in value]
+        if total is not None and [len(r) for r in total] != [len(r) for r in value]:
+            return None
+        total = value if total is None else [[f"{a}+{b}" for a, b in zip(ra, rb)] for ra, rb in zip(total, value)]
+    if total is None or sum(len(e) for r in total for e in r) > MAX_ANSWER_CHARS * 4:
+        return None  # large products are refused rather than expanded
+    return total
+
+
+def _signed_terms(s: str) -> list[tuple[str, str]]:
+    """The terms of a sum at bracket depth 0, each with its sign: "A - 2B" -> [("", "A"), ("-", "2B")]."""
+    terms: list[tuple[str, str]] = []
+    depth, start, sign = 0, 0, ""
+    for i, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c in "+-" and depth == 0:
+            if s[start:i].strip():
+                terms.append((sign, s[start:i]))
+            elif sign:
+                return []  # "A + -B": two signs in a row; refuse rather than guess
+            sign, start = ("-" if c == "-" else "+" if terms else ""), i + 1
+    terms.append((sign, s[start:]))
+    return terms
+
+
 def _structure(s: str, depth: int = 0) -> tuple:
     """Parse the outer shape of an answer. Leaves are ("scalar", text)."""
     s = s.strip()
@@ -614,10 +682,9 @@ def _structure(s: str, depth: int = 0) -> tuple:
         return interval
     if s in ("\\emptyset", "\\varnothing", "\\{\\}"):
         return ("set", ())
-    m = _MATRIX_RE.fullmatch(s)
-    if m:
-        rows = [r for r in (row.strip() for row in m.group(2).split(_ROW)) if r]
-        cells = [[_structure(c, depth + 1) for c in row.split("&")] for row in rows]
+    rows = _matrix_value(s) if "\\begin" in s else None
+    if rows:
+        cells = [[_structure(c, depth + 1) for c in row] for row in rows]
         if len(cells) > 1 and all(len(r) == 1 for r in cells):
             return ("tuple", "(", ")", tuple(r[0] for r in cells))  # a column vector is its tuple of entries
         return ("matrix", tuple(tuple(r) for r in cells))
@@ -817,7 +884,7 @@ _PLAIN_WORDS = {
     "infinity": "infty",
     "oo": "infty",
 }
-_ATOM_CMDS = {"frac", "binom", "sqrt", "pi", "infty", "lfloor", "lceil"} | _FUNCS | _GREEK
+_ATOM_CMDS = {"frac", "binom", "sqrt", "pi", "infty", "lfloor", "lceil", "sum", "prod"} | _FUNCS | _GREEK
 _CLOSE = {"(": ")", "[": "]", "{": "}"}
 _NUM_RE = re.compile(r"(?P<int>\d+)?(?:\.(?P<frac>\d*)(?:\\overline\{(?P<rep>\d+)\})?)?(?:[eE](?P<exp>[+-]?\d+))?")
 _CMD_RE = re.compile(r"\\([A-Za-z]+)")
@@ -868,7 +935,7 @@ def _tokenize(s: str) -> list[tuple]:
         elif c == "*" and s.startswith("**", i):
             toks.append(("op", "^"))
             i += 2
-        elif c in "+-*/^_()[]{}!|":
+        elif c in "+-*/^_()[]{}!|=":  # "=" only inside \\sum_{k=0}
             toks.append(("op", c))
             i += 1
         else:
@@ -1058,6 +1125,27 @@ class _Parser:
             return self.atom()
         raise _NotMath
 
+    def big_operator(self, name: str) -> tuple:
+        """\\sum_{k=lo}^{hi} body (the body runs to the end of the product, as it is read). Its value is not computed
+        (bounds are usually symbolic): it becomes one opaque symbol named by its canonical form, so two sums are
+        equal when their index, bounds and bodies agree up to the order of terms and factors, and the rest of the
+        expression compares as usual ("2\\sum ..." vs "\\sum ... \\cdot 2")."""
+        self.expect("_")
+        self.expect("{")
+        index = self.peek()
+        if index[0] not in ("name", "cmd"):
+            raise _NotMath
+        self.pos += 1
+        self.expect("=")
+        lo = self.sum()
+        self.expect("}")
+        self.expect("^")
+        hi = self.arg()
+        self.enter()
+        body = self.product()
+        self.depth -= 1
+        return ("sym", f"\\{name}[{index[1]}={_canonical(lo)};{_canonical(hi)};{_canonical(body)}]")
+
     def command(self, name: str) -> tuple:
         if name == "frac":
             a = self.arg()
@@ -1079,6 +1167,8 @@ class _Parser:
             return ("const", "oo")
         if name in _GREEK:
             return ("sym", name + self.subscript())
+        if name in ("sum", "prod"):
+            return self.big_operator(name)
         if name in ("lfloor", "lceil"):
             node = self.sum()
             close = "rfloor" if name == "lfloor" else "rceil"
@@ -1099,6 +1189,23 @@ class _Parser:
             node = ("log", arg, base) if name in ("log", "ln") else ("fn", name, arg)
             return ("pow", node, power) if power is not None else node
         raise _NotMath
+
+
+def _canonical(node: tuple) -> str:
+    """A text for node that is the same for sums and products written in any order (a + b = b + a, ab = ba)."""
+    kind = node[0]
+    if kind in ("add", "mul"):
+        flat: list[tuple] = []
+        stack = list(node[1])
+        while stack:  # associativity too: (a + b) + c is a + b + c
+            child = stack.pop()
+            if child[0] == kind:
+                stack.extend(child[1])
+            else:
+                flat.append(child)
+        return kind + "(" + ",".join(sorted(_canonical(c) for c in flat)) + ")"
+    args = [_canonical(c) if isinstance(c, tuple) else str(c) for c in node[1:]]
+    return kind + "(" + ",".join(args) + ")"
 
 
 @functools.lru_cache(maxsize=4096)
