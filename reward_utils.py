@@ -573,7 +573,7 @@ def _half_line(lhs: str, op: str, rhs: str) -> tuple[str, str, bool] | None:
         bound = -diff.get((), Fraction(0)) / a
         return ("upper" if upper == (a > 0) else "lower", f"{bound.numerator}/{bound.denominator}", closed)
     for var, other, side in ((lhs, rhs, upper), (rhs, lhs, not upper)):
-        if _VAR_RE.fullmatch(var) and var not in _symbols_of(other):  # "x > a + 1": a symbolic bound
+        if _VAR_RE.fullmatch(var) and var not in (_symbols_of(other) or ()):  # "x > a + 1": a symbolic bound
             return ("upper" if side else "lower", other, closed)
     return None
 
@@ -1427,7 +1427,7 @@ def _poly(node: tuple) -> dict:
             ((m, c),) = base.items()
             if e * max(k for _, k in m) > MAX_BITS:
                 raise _TooBig
-            return {tuple((name, k * int(e)) for name, k in m): _rat_pow(c, e)}
+            return {tuple((name, k * int(e)) for name, k in m if e): _rat_pow(c, e)}  # x^0 is 1
         if e > 64:
             raise _NotRational
         out = {(): Fraction(1)}

@@ -91,6 +91,53 @@ def test_labelled_case(completion, ground_truth, expected, category):
         assert counts["no_answer"] == 1
 
 
+def test_no_wrong_accept_over_all_labelled_cases():
+    """Every case labelled incorrect (hedges, off-by-ones, sign errors, swapped tuples...) scores incorrect."""
+    wrong = [c for c in CASES if not c[2]]
+    rewards, _ = math_reward_batch([c[0] for c in wrong], [c[1] for c in wrong])
+    accepted = [(extract_answer(c[0]), c[1], c[3]) for c, r in zip(wrong, rewards) if r > 0]
+    assert len(wrong) > 150
+    assert accepted == []
+
+
+# Each way of wrapping a box in math mode, and each way of joining two boxes into one hedged answer.
+DELIMITERS = [("", ""), ("$", "$"), ("$$", "$$"), ("\\(", "\\)"), ("\\[", "\\]"), ("\n\\[\n", "\n\\]\n")]
+JOINS = [" or ", " or maybe ", ", possibly ", ", ", " and ", " \\text{ or } "]
+CORRECT = [c for c in CASES if c[2] and extract_answer(c[0]) is not None]
+
+
+def _hedged(answer: str, k: int) -> str:
+    """The correct answer and a wrong one, boxed separately, in the k-th wrapping/join/order."""
+    left, right = DELIMITERS[k % len(DELIMITERS)]
+    wrong = f"({answer})+1"  # never equal to the answer, and never a list that could contain it
+    pair = (answer, wrong) if k % 2 == 0 else (wrong, answer)
+    join = JOINS[(k // len(DELIMITERS)) % len(JOINS)]
+    return f"So {left}\\boxed{{{pair[0]}}}{right}{join}{left}\\boxed{{{pair[1]}}}{right}."
+
+
+def test_every_correct_answer_hedged_with_a_wrong_one_is_incorrect():
+    """A hedge never scores: each correct labelled answer, boxed next to a wrong value in every wrapping and join."""
+    comps = [_hedged(extract_answer(c[0]), k) for k, c in enumerate(CORRECT)]
+    rewards, _ = math_reward_batch(comps, [c[1] for c in CORRECT])
+    accepted = [(comp, c[1]) for comp, c, r in zip(comps, CORRECT, rewards) if r > 0]
+    assert len(comps) > 250
+    assert accepted == []
+
+
+def test_every_correct_answer_after_a_self_correction_is_correct():
+    """A revised answer answers with its last box, whatever wraps the boxes."""
+    comps = []
+    for k, c in enumerate(CORRECT):
+        left, right = DELIMITERS[k % len(DELIMITERS)]
+        ans = extract_answer(c[0])
+        comps.append(
+            f"So {left}\\boxed{{({ans})+1}}{right}. Wait, that is wrong; actually {left}\\boxed{{{ans}}}{right}."
+        )
+    rewards, _ = math_reward_batch(comps, [c[1] for c in CORRECT])
+    rejected = [(comp, c[1]) for comp, c, r in zip(comps, CORRECT, rewards) if r < 0]
+    assert rejected == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Extraction and ground truths
 # ----------------------------------------------------------------------------------------------------------------
