@@ -533,12 +533,16 @@ def _encloses(s: str, open_len: int, close_len: int) -> bool:
     return _depth_ok(s[open_len : len(s) - close_len]) if len(s) >= open_len + close_len else False
 
 
-def _strip_lhs(s: str) -> str:
-    """ "x = 3" -> "3", "(x, y) = (1, 2)" -> "(1, 2)", "x = 1/2 = 0.5" -> "0.5"; "x^2 + y^2 = 1" stays an equation.
-    "\\frac{\\sqrt2}{2} \\approx 0.707" -> the exact value before the approximation ("x \\approx 0.7" -> "0.7")."""
+def _drop_approx(s: str) -> str:
+    """ "\\frac{\\sqrt2}{2} \\approx 0.707" -> the exact value before the approximation ("x \\approx 0.7" -> "0.7")."""
     approx = _split_top(s, ("\\approx",))
     if len(approx) > 1 and approx[0]:
-        s = approx[1] if _SIMPLE_LHS_RE.fullmatch(approx[0]) else approx[0]
+        return approx[1] if _SIMPLE_LHS_RE.fullmatch(approx[0]) else approx[0]
+    return s
+
+
+def _strip_lhs(s: str) -> str:
+    """ "x = 3" -> "3", "(x, y) = (1, 2)" -> "(1, 2)", "x = 1/2 = 0.5" -> "0.5"; "x^2 + y^2 = 1" stays an equation."""
     parts = _split_top(s, ("=", "\\in "))
     # "x = 1, y = 2" and "x = 2 or x = 3" are lists of assignments, not one chain.
     chain_ok = len(parts) == 2 or len(_split_top(s, _LIST_SEPARATORS)) == 1
@@ -666,7 +670,7 @@ def _signed_terms(s: str) -> list[tuple[str, str]]:
 
 def _structure(s: str, depth: int = 0) -> tuple:
     """Parse the outer shape of an answer. Leaves are ("scalar", text)."""
-    s = s.strip()
+    s = _drop_approx(s.strip())
     if depth > 8:
         return ("scalar", s)
     value = _strip_lhs(s)
@@ -1590,15 +1594,15 @@ def _split_eq(s: str) -> tuple[str, str] | None:
     return parts[0], parts[-1]
 
 
-def _equation_value(s: str) -> str | None:
-    """What an equation answers when the other side is a value: the right-hand side of "x = 3", "f(x) = x^2" or
-    "x \\approx 0.7", and a constant right-hand side whatever names it ("2 + 3 = 5", "m + n = 113": answers that
-    restate what was asked). None when it is an equation in unknowns that answers no value ("x^2 + y^2 = 1")."""
-    v = _strip_lhs(s)
-    if v != s:
-        return v
-    sides = _split_eq(s)
-    return sides[1] if sides and _is_constant(sides[1]) else None
+def _equation_values(s: str) -> list[str] | None:
+    """What an equation answers when the other side is a value: what follows a name ("x = 3", "f(x) = x^2",
+    "x = 2 + 3 = 5"), or else its constant sides, whatever names them ("2 + 3 = 5", "m + n = 113": answers that
+    restate what was asked). Every one must equal the value, so "42 = 43" answers nothing. None for an equation in
+    unknowns that answers no value ("y = x^2 + 1" has a name, "x + y = 2x" has neither)."""
+    parts = _split_top(s, ("=",))
+    if _SIMPLE_LHS_RE.fullmatch(parts[0]):
+        return parts[1:]
+    return [p for p in parts if _is_constant(p)] or None
 
 
 def _symbols_of(s: str) -> set[str] | None:
@@ -1636,10 +1640,16 @@ def _scalar_equal(p: str, g: str, use_sympy: bool) -> bool | None:
             verdict = _scalar_equal(pe[1], ge[1], use_sympy)
         return verdict or _or_none(verdict, _equations_equal(pe, ge, use_sympy))
     if pe or ge:
-        p, g = (_equation_value(p), g) if pe else (p, _equation_value(g))
-        if p is None or g is None:
+        values = _equation_values(p if pe else g)
+        if values is None:
             return False
-        return _scalar_equal(p, g, use_sympy)
+        verdict = True
+        for v in values:
+            r = _scalar_equal(v, g, use_sympy) if pe else _scalar_equal(p, v, use_sympy)
+            if r is False:
+                return False
+            verdict = verdict and r  # None (undecided) stays None unless another value is False
+        return verdict
     try:
         pa, ga = _parse(p), _parse(g)
     except _NotMath:
