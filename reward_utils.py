@@ -24,10 +24,11 @@ How a check runs
    degrees, thousands separators, `x =` prefixes.
 2. Each answer is split into structure (tuple or interval, set, list, union, matrix), compared element by element.
 3. Each scalar is read by the small LaTeX/plain-text parser below (a recursive-descent parser; nothing is eval'ed).
-   Exact rational arithmetic decides numbers; complex floats at fixed points reject clear mismatches. Both run
-   in-process without sympy, so integer and plain-number answers (all of DAPO-Math-17k's labels) never leave the
-   process.
-4. Only answers that look equal but are not rational (`2\\pi` vs `\\pi\\cdot 2`, `\\frac{\\sqrt2}{2}` vs `1/\\sqrt2`)
+   Exact arithmetic on polynomials with rational coefficients (a number is a constant one) decides numbers,
+   polynomials, and the equations and inequalities of lines and half-lines; complex floats at fixed points reject
+   clear mismatches. Both run in-process without sympy, so integer and plain-number answers (all of
+   DAPO-Math-17k's labels) never leave the process.
+4. Only answers that look equal but are not polynomial (`2\\pi` vs `\\pi\\cdot 2`, `\\frac{\\sqrt2}{2}` vs `1/\\sqrt2`)
    go to a sympy worker: one persistent process per trainer process, started on first need (never at import), that
    tests whether the difference is exactly zero (sympy's strict evalf finds a non-zero difference to 50 digits; with
    variables, at several points). A check that runs past timeout_s gets the worker killed (SIGKILL works from any
@@ -38,13 +39,16 @@ How a check runs
 
 Rules and choices
 -----------------
-- Last final answer wins: "\\boxed{3} ... actually \\boxed{5}" answers 5. Boxes on the same line joined only by
-  `,`/`or`/`and` form one answer ("\\boxed{3} or \\boxed{5}" is "3 or 5").
+- Last final answer wins: "\\boxed{3} ... actually \\boxed{5}" answers 5. Boxes separated only by math delimiters
+  (`$`, `$$`, `\\(...\\)`, `\\[...\\]`, on one line or several), punctuation, the words or/and/maybe/possibly/
+  perhaps/probably/also and a name for the next value ("or \\(x = \\boxed{5}\\)") form one answer:
+  "\\(\\boxed{3}\\) or maybe \\(\\boxed{5}\\)" is "3 or 5". A ground truth written that way is the same list.
 - Hedges are lists, and a list never equals a single value: "42 or 43", "42 \\pm 1" (read as {43, 41}) and
   "1, 2, \\ldots, 100" are wrong for 42. `\\pm` in a ground truth expands the same way, so "\\pm 2" equals "2, -2".
 - Bare lists ("2, 3") are unordered (solution lists); parenthesised tuples are ordered, intervals must match
-  bracket for bracket, `\\{...\\}` sets are unordered. A list may stand for a `( )` tuple in the same order, a
-  column vector equals the tuple of its entries, and a one-element set equals its element.
+  bracket for bracket, `\\{...\\}` sets (and `{1, 2}`, a set that lost its backslashes) are unordered. A list may
+  stand for a `( )` tuple in the same order, a column vector equals the tuple of its entries, and a one-element set
+  equals its element.
 - Percentages: "%" means /100, but labels often drop the sign ("what percent ..." -> "25"), so a value with "%"
   on exactly one side matches either its bare number or its value: "25%" equals "25" and "0.25"; "0.25" equals
   "25%". With "%" on both sides the numbers must match.
@@ -55,15 +59,24 @@ Rules and choices
 - A number followed by a unit or by plain words compares as the number ("5 \\text{ cm}", "18 dollars",
   "7 red marbles"), unless a word qualifies it ("about 42", "42 or more" stay text). "\\frac{\\sqrt2}{2} \\approx 0.707"
   is graded on the exact value before "\\approx".
-- Thousands separators: "1,000", "1{,}000", "1\\,000" and "1 000" are 1000 only when the whole answer is such a
-  number (digit groups of exactly three); otherwise a comma separates list items.
+- Thousands separators: "1,000", "1{,}000", "1{, }000", "1,\\! 000", "1\\,000" and "1 000" are 1000 only when the
+  whole answer is such a number (digit groups of exactly three); otherwise a comma separates list items.
 - Notation: `e` is Euler's number and `i` the imaginary unit; `2e3` is 2000; `x^23` means x^23 (plain-text
   reading) but `\\frac12` and `\\sqrt2` take one digit (LaTeX reading); `3\\frac{1}{2}` is the mixed number 7/2;
   `\\sqrt[3]{-8}` is -2; `\\log` is the natural log; `1011_2` (base notation) compares as text.
-- "x = 3", "f(x) = 3", "(x, y) = (1, 2)", "x \\in [2, 5]" and "\\approx 3" compare by their right-hand side;
-  "2 + 3 = 5" by its value. Two equations are equal when one is a non-zero multiple of the other
-  ("2x + 2y = 2" = "x + y = 1"). Inequalities in one variable are intervals: "x > 3" = "(3, \\infty)",
-  "2 \\le x < 5" = "[2, 5)".
+- Against a value, "x = 3", "f(x) = 3", "(x, y) = (1, 2)", "x \\in [2, 5]" and "\\approx 3" compare by their
+  right-hand side, and an equation with constant sides by those ("2 + 3 = 5", "m + n = 113" answer 5 and 113; every
+  constant side must match, so "42 = 43" answers nothing). Two equations are equal when one is a non-zero multiple
+  of the other, so explicit and implicit forms agree ("y = 3 - 2x" = "2x + y = 3", "2x + 2y = 2" = "x + y = 1"),
+  but "x = 3" != "y = 3"; equations with the same left-hand side also match by their right-hand sides.
+- Inequalities in one variable are intervals: "x > 3" = "(3, \\infty)", "2 \\le x < 5" = "[2, 5)". A linear one is
+  solved exactly, whatever side the variable is on and whatever factor scales it ("-x > -1" = "x < 1",
+  "-1 < 2x + 1 \\le 5" = "(-1, 2]"); others ("x^2 > 4") are not solved.
+- Matrices: pmatrix, bmatrix, `\\left[\\begin{array}...\\right]` and a matrix in brackets are the same matrix; sums,
+  products and scalar multiples of literals in an answer are computed exactly ("I + A", "2A", "AB", in order).
+- `\\sum` and `\\prod` are not evaluated: two are equal when index, bounds and body agree up to the order of terms
+  and factors ("\\sum_{k=0}^{n-1} F_k F_{n-k-1}" = the same with the factors swapped), so "\\sum_{k=1}^{n} 2k" is
+  not shown equal to "2\\sum_{k=1}^{n} k".
 - A ground truth that is one of A-E (optionally "(C)") is a multiple-choice letter: "C", "(C)", "\\textbf{(C)} 42"
   answer it.
 - Words compare as text, ignoring case and spaces ("\\text{Monday}" = "monday").
