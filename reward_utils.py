@@ -1301,33 +1301,18 @@ def _rat_pow(b: Fraction, e: Fraction) -> Fraction:
 
 
 def _rat(node: tuple) -> Fraction:
+    """Exact value of a node without variables; _NotRational when it has one or is irrational."""
+    p = _poly(node)
+    if any(p):  # a monomial other than the constant one
+        raise _NotRational
+    return p.get((), Fraction(0))
+
+
+def _rat_function(node: tuple) -> Fraction:
+    """Exact value of the nodes _poly does not build from sums and products: numbers, roots, factorials..."""
     kind = node[0]
     if kind == "num":
         return node[1]
-    if kind == "add":
-        total = Fraction(0)
-        for t in node[1]:
-            total += _rat(t)
-            if _bits(total) > MAX_BITS:
-                raise _TooBig
-        return total
-    if kind == "mul":
-        prod = Fraction(1)
-        for f in node[1]:
-            v = _rat(f)
-            if _bits(prod) + _bits(v) > MAX_BITS:
-                raise _TooBig
-            prod *= v
-        return prod
-    if kind == "neg":
-        return -_rat(node[1])
-    if kind == "inv":
-        v = _rat(node[1])
-        if v == 0:
-            raise _Undefined
-        return 1 / v
-    if kind == "pow":
-        return _rat_pow(_rat(node[1]), _rat(node[2]))
     if kind == "root":
         index = _rat(node[2])
         if index.denominator != 1:
@@ -1451,7 +1436,7 @@ def _poly(node: tuple) -> dict:
         for _ in range(int(e)):
             out = _poly_mul(out, base)
         return out
-    v = _rat(node)  # every other node is a constant, or not a polynomial (_rat raises _NotRational on symbols)
+    v = _rat_function(node)  # every other node is a constant, or not a polynomial (_NotRational)
     return {(): v} if v else {}
 
 
@@ -1463,13 +1448,9 @@ def _try_poly(node: tuple):
         return type(e)
 
 
-def _poly_symbols(p: dict) -> set[str]:
-    return {name for m in p for name, _ in m}
-
-
 def _poly_multiple(p: dict, q: dict) -> bool:
     """Is p a non-zero rational multiple of q (the same equation "p = 0")? Both must involve a variable."""
-    if not _poly_symbols(p) or not _poly_symbols(q) or p.keys() != q.keys():
+    if not any(p) or not any(q) or p.keys() != q.keys():
         return False
     m = next(iter(q))
     ratio = p[m] / q[m]
