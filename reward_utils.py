@@ -82,8 +82,8 @@ Rules and choices
 - Words compare as text, ignoring case and spaces ("\\text{Monday}" = "monday").
 - Limits that make every check bounded: answers over MAX_ANSWER_CHARS are wrong (ground truths over it are bad);
   bracket nesting over MAX_NESTING is refused; exact values over MAX_BITS (about 12,000 digits: `10^{10^{10}}`,
-  `9^{9^{9^9}}`, `2^{65536}`) are never equal to anything, even themselves written differently (identical text
-  still matches).
+  `9^{9^{9^9}}`, `2^{65536}`) are never equal to anything, even themselves written differently (identical text, or
+  the same parsed expression, still matches).
 - A ground truth is "bad" when it is empty, longer than MAX_ANSWER_CHARS, or has unbalanced brackets.
 
 Linux/macOS only (the worker's timeout uses select() on a pipe).
@@ -653,7 +653,7 @@ def _matrix_value(s: str) -> list[list[str]] | None:
                 for r in value
             ]
         coef = "".join(f"({x})" for x in scalars)
-        value = [[f"{sign}{coef}({e})" for e in r] for r in value]
+        value = [[f"{'-' if sign == '-' else ''}{coef}({e})" for e in r] for r in value]
         if total is not None and [len(r) for r in total] != [len(r) for r in value]:
             return None
         total = value if total is None else [[f"{a}+{b}" for a, b in zip(ra, rb)] for ra, rb in zip(total, value)]
@@ -1146,7 +1146,7 @@ class _Parser:
         """\\sum_{k=lo}^{hi} body (the body runs to the end of the product, as it is read). Its value is not computed
         (bounds are usually symbolic): it becomes one opaque symbol named by its canonical form, so two sums are
         equal when their index, bounds and bodies agree up to the order of terms and factors, and the rest of the
-        expression compares as usual ("2\\sum ..." vs "\\sum ... \\cdot 2")."""
+        expression compares as usual ("1 + \\sum ..." vs "\\sum ... + 1")."""
         self.expect("_")
         self.expect("{")
         index = self.peek()
@@ -1412,7 +1412,7 @@ def _poly(node: tuple) -> dict:
         return {m: -c for m, c in _poly(node[1]).items()}
     if kind in ("inv", "pow"):
         base = _poly(node[1])
-        if not base.keys() - {()}:  # a constant base: rational arithmetic as in _rat
+        if not any(base):  # a constant base: rational arithmetic
             c = base.get((), Fraction(0))
             if kind == "inv":
                 if c == 0:
