@@ -1667,9 +1667,20 @@ def _or_none(a: bool | None, b: bool | None) -> bool | None:
     return True if a or b else None if a is None or b is None else False
 
 
+def _infinity(node: tuple) -> int:
+    """1 for "\\infty", -1 for "-\\infty", 0 for anything else."""
+    sign = 1
+    while node[0] == "neg":
+        sign, node = -sign, node[1]
+    return sign if node == ("const", "oo") else 0
+
+
 def _expr_equal(a: tuple, b: tuple, use_sympy: bool) -> bool | None:
     if a == b:
         return True  # the same tree: nothing to evaluate (this is how opaque sums and products compare)
+    inf_a, inf_b = _infinity(a), _infinity(b)
+    if inf_a or inf_b:
+        return inf_a == inf_b  # an interval's infinite end meets a finite one: no float or sympy needed to say no
     pa, pb = _try_poly(a), _try_poly(b)
     if pa in (_TooBig, _Undefined) or pb in (_TooBig, _Undefined):
         return False
