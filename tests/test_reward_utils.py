@@ -138,6 +138,26 @@ def test_every_correct_answer_after_a_self_correction_is_correct():
     assert rejected == []
 
 
+def _nonzero_number(gt: str) -> bool:
+    """Is the label a plain non-zero number (so that its negation and its successor are both wrong)?"""
+    text = reward_utils._clean(normalize_ground_truth(gt)).rstrip("%")
+    try:
+        return reward_utils._rat(reward_utils._parse(text)) != 0
+    except (reward_utils._NotMath, reward_utils._NotRational, reward_utils._TooBig, reward_utils._Undefined):
+        return False
+
+
+def test_every_correct_number_off_by_one_or_negated_is_incorrect():
+    """Each correct answer to a non-zero numeric label, plus one or with its sign flipped, scores incorrect."""
+    numeric = [c for c in CORRECT if _nonzero_number(c[1])]
+    comps = [
+        box(f"{op[0]}({extract_answer(c[0])}){op[1]}") for c in numeric for op in (("", "+1"), ("", "-1"), ("-", ""))
+    ]
+    rewards, _ = math_reward_batch(comps, [c[1] for c in numeric for _ in range(3)])
+    assert len(numeric) > 100
+    assert [comp for comp, r in zip(comps, rewards) if r > 0] == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Extraction and ground truths
 # ----------------------------------------------------------------------------------------------------------------
