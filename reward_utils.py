@@ -42,7 +42,8 @@ Rules and choices
 - Last final answer wins: "\\boxed{3} ... actually \\boxed{5}" answers 5. Boxes separated only by math delimiters
   (`$`, `$$`, `\\(...\\)`, `\\[...\\]`, on one line or several), punctuation, the words or/and/maybe/possibly/
   perhaps/probably/also and a name for the next value ("or \\(x = \\boxed{5}\\)") form one answer:
-  "\\(\\boxed{3}\\) or maybe \\(\\boxed{5}\\)" is "3 or 5". A ground truth written that way is the same list.
+  "\\(\\boxed{3}\\) or maybe \\(\\boxed{5}\\)" is "3 or 5", and so is "\\boxed{3} or maybe 5" (an unboxed
+  alternative after the last box). A ground truth written that way is the same list.
 - Hedges are lists, and a list never equals a single value: "42 or 43", "42 \\pm 1" (read as {43, 41}) and
   "1, 2, \\ldots, 100" are wrong for 42. `\\pm` in a ground truth expands the same way, so "\\pm 2" equals "2, -2".
 - Bare lists ("2, 3") are unordered (solution lists); parenthesised tuples are ordered, intervals must match
@@ -144,6 +145,11 @@ _GAP_TEXT_RE = re.compile(r"\\(?:text|textrm|mathrm)\s*\{([^{}]*)\}")
 _GAP_NOISE_RE = re.compile(r"\\[()\[\]]|\$|\\(?:quad|qquad|[,;:! ])|[\s,;&.*]")
 _GAP_NAME_RE = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=\s*$")
 _GAP_WORDS = {"or", "and", "maybe", "possibly", "perhaps", "probably", "also"}
+# The same hedge with its alternative left unboxed: "\\(\\boxed{42}\\) or maybe 43". Only a value may follow the
+# words (a digit, sign, `$`, `\\`, `(`), so a restatement ("or, equivalently, $42$") is not a hedge.
+_HEDGE_AFTER_RE = re.compile(
+    r"(?:\s|[,;.*$]|\\[)\]])*(?:(?:or|maybe|possibly|perhaps|probably)\b[\s,]*)+(?=[-+\d$\\(])", re.IGNORECASE
+)
 
 
 def _match_brace(s: str, i: int) -> int:
@@ -206,6 +212,9 @@ def _last_boxed(s: str) -> tuple[int | None, str | None]:
     text = group[0][2]
     for join, box in zip(joins, group[1:]):
         text += join + box[2]
+    hedge = _HEDGE_AFTER_RE.match(s, boxes[-1][1])
+    if hedge:
+        text += " or " + s[hedge.end() :].split("\n", 1)[0]
     return boxes[-1][0], text
 
 

@@ -472,6 +472,11 @@ CASES: list[tuple[str, str, bool, str]] = [
     (box("-2, 1"), "$\\boxed{1}$, $\\boxed{-2}$", True, "multi_box"),
     (box("-2"), "\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)", False, "multi_box"),
     (box("1"), "\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)", False, "multi_box"),
+    ("The answer is \\(\\boxed{42}\\) or maybe 43.", "42", False, "multi_box"),
+    ("So $\\boxed{42}$, possibly $41$.", "42", False, "multi_box"),
+    ("So \\boxed{42}\nor perhaps -42", "42", False, "multi_box"),
+    ("The answer is \\(\\boxed{42}\\) or, equivalently, $\\frac{84}{2}$.", "42", True, "multi_box"),
+    ("The answer is \\(\\boxed{42}\\), and 42 is even.", "42", True, "multi_box"),
     # --- family 2: equivalent one-variable inequalities, whatever side and scale ---
     (box("-x > -1"), "x < 1", True, "inequality"),
     (box("-x \\ge -1"), "x \\le 1", True, "inequality"),
