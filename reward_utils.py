@@ -214,7 +214,7 @@ def _last_boxed(s: str) -> tuple[int | None, str | None]:
         text += join + box[2]
     hedge = _HEDGE_AFTER_RE.match(s, boxes[-1][1])
     if hedge:
-        text += " or " + s[hedge.end() :].split("\n", 1)[0]
+        text += " or " + s[hedge.end() :].split("\n\n", 1)[0]  # to the paragraph's end: display math spans lines
     return boxes[-1][0], text
 
 
@@ -556,9 +556,10 @@ def _encloses(s: str, open_len: int, close_len: int) -> bool:
 
 
 def _drop_approx(s: str) -> str:
-    """ "\\frac{\\sqrt2}{2} \\approx 0.707" -> the exact value before the approximation ("x \\approx 0.7" -> "0.7")."""
+    """ "\\frac{\\sqrt2}{2} \\approx 0.707" -> the exact value before the approximation ("x \\approx 0.7" -> "0.7").
+    Not across a list: in "a \\approx 0.7 or b" each item drops its own, and the hedge stays a list."""
     approx = _split_top(s, ("\\approx",))
-    if len(approx) > 1 and approx[0]:
+    if len(approx) > 1 and approx[0] and len(_split_top(s, _LIST_SEPARATORS)) == 1:
         return approx[1] if _SIMPLE_LHS_RE.fullmatch(approx[0]) else approx[0]
     return s
 

@@ -450,6 +450,8 @@ CASES: list[tuple[str, str, bool, str]] = [
     (line("about 42"), "42", False, "hedge"),
     (box("42 \\text{ or more}"), "42", False, "hedge"),
     (box("\\frac{\\sqrt{2}}{2} \\approx 0.707"), "\\frac{1}{\\sqrt{2}}", True, "symbolic"),
+    (box("\\frac{\\sqrt{2}}{2} \\approx 0.707 \\text{ or } 1.707"), "\\frac{1}{\\sqrt{2}}", False, "hedge"),
+    (box("x \\approx 0.707 \\text{ or } x \\approx 1.707"), "0.707", False, "hedge"),
     (box("x = \\frac{1}{2} = 0.5"), "0.5", True, "equation"),
     (box("x = 2 + 3 = 5"), "5", True, "equation"),
     (box("\\langle 1, 2 \\rangle"), "(1, 2)", True, "tuple_interval"),

@@ -116,11 +116,19 @@ def _hedged(answer: str, k: int) -> str:
 
 
 def test_every_correct_answer_hedged_with_a_wrong_one_is_incorrect():
-    """A hedge never scores: each correct labelled answer, boxed next to a wrong value in every wrapping and join."""
+    """A hedge never scores: each correct labelled answer, boxed next to a wrong value in every wrapping and join,
+    and followed by an unboxed wrong alternative ("\\boxed{42} or maybe 43")."""
     comps = [_hedged(extract_answer(c[0]), k) for k, c in enumerate(CORRECT)]
-    rewards, _ = math_reward_batch(comps, [c[1] for c in CORRECT])
-    accepted = [(comp, c[1]) for comp, c, r in zip(comps, CORRECT, rewards) if r > 0]
-    assert len(comps) > 250
+    unboxed = [c for c in CORRECT if "\\boxed" not in extract_answer(c[0])]  # else the alternative holds a box
+    for k, c in enumerate(unboxed):
+        left, right = DELIMITERS[k % len(DELIMITERS)]
+        ans = extract_answer(c[0])
+        join = (" or ", " or maybe ", ", possibly ")[k % 3]
+        comps.append(f"So {left}\\boxed{{{ans}}}{right}{join}{left}({ans})+1{right}.")
+    labels = [c[1] for c in CORRECT + unboxed]
+    rewards, _ = math_reward_batch(comps, labels)
+    accepted = [(comp, gt) for comp, gt, r in zip(comps, labels, rewards) if r > 0]
+    assert len(comps) > 500
     assert accepted == []
 
 
