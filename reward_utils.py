@@ -79,7 +79,7 @@ Rules and choices
   and factors ("\\sum_{k=0}^{n-1} F_k F_{n-k-1}" = the same with the factors swapped), so "\\sum_{k=1}^{n} 2k" is
   not shown equal to "2\\sum_{k=1}^{n} k".
 - A ground truth that is one of A-E (optionally "(C)") is a multiple-choice letter: "C", "(C)", "\\textbf{(C)} 42"
-  answer it.
+  answer it; "C (or maybe D)" does not.
 - Words compare as text, ignoring case and spaces ("\\text{Monday}" = "monday").
 - Limits that make every check bounded: answers over MAX_ANSWER_CHARS are wrong (ground truths over it are bad);
   bracket nesting over MAX_NESTING is refused; exact values over MAX_BITS (about 12,000 digits: `10^{10^{10}}`,
@@ -1588,6 +1588,9 @@ def _drop_final_degree(s: str) -> str:
 
 _CHOICE_RE = re.compile(r"\(?([A-E])\)?")
 _CHOICE_PRED_RE = re.compile(r"\(?([A-E])(?:\)|(?=[\s:.])|$).*", re.DOTALL)
+# What may follow the letter is its option's value ("(C) 42"), never a second letter or a hedging word: "C (or
+# maybe D)" hedges between two options.
+_CHOICE_HEDGE_RE = re.compile(r"(?<![A-Za-z\\])(?:[A-E]|(?i:or|maybe|possibly|perhaps|probably))(?![A-Za-z])")
 
 
 def _split_eq(s: str) -> tuple[str, str] | None:
@@ -1632,7 +1635,7 @@ def _scalar_equal(p: str, g: str, use_sympy: bool) -> bool | None:
     choice = _CHOICE_RE.fullmatch(g)
     if choice:
         m = _CHOICE_PRED_RE.fullmatch(p)
-        return bool(m) and m.group(1) == choice.group(1)
+        return bool(m) and m.group(1) == choice.group(1) and not _CHOICE_HEDGE_RE.search(p, m.end(1))
     p_pct, g_pct = p.endswith("%"), g.endswith("%")
     p, g = p.rstrip("%").rstrip(), g.rstrip("%").rstrip()
     if _key(p) == _key(g):
