@@ -24,10 +24,11 @@ How a check runs
    degrees, thousands separators, `x =` prefixes.
 2. Each answer is split into structure (tuple or interval, set, list, union, matrix), compared element by element.
 3. Each scalar is read by the small LaTeX/plain-text parser below (a recursive-descent parser; nothing is eval'ed).
-   Exact rational arithmetic decides numbers; complex floats at fixed points reject clear mismatches. Both run
-   in-process without sympy, so integer and plain-number answers (all of DAPO-Math-17k's labels) never leave the
-   process.
-4. Only answers that look equal but are not rational (`2\\pi` vs `\\pi\\cdot 2`, `\\frac{\\sqrt2}{2}` vs `1/\\sqrt2`)
+   Exact arithmetic on polynomials with rational coefficients (a number is a constant one) decides numbers,
+   polynomials, and the equations and inequalities of lines and half-lines; complex floats at fixed points reject
+   clear mismatches. Both run in-process without sympy, so integer and plain-number answers (all of
+   DAPO-Math-17k's labels) never leave the process.
+4. Only answers that look equal but are not polynomial (`2\\pi` vs `\\pi\\cdot 2`, `\\frac{\\sqrt2}{2}` vs `1/\\sqrt2`)
    go to a sympy worker: one persistent process per trainer process, started on first need (never at import), that
    tests whether the difference is exactly zero (sympy's strict evalf finds a non-zero difference to 50 digits; with
    variables, at several points). A check that runs past timeout_s gets the worker killed (SIGKILL works from any
@@ -38,13 +39,17 @@ How a check runs
 
 Rules and choices
 -----------------
-- Last final answer wins: "\\boxed{3} ... actually \\boxed{5}" answers 5. Boxes on the same line joined only by
-  `,`/`or`/`and` form one answer ("\\boxed{3} or \\boxed{5}" is "3 or 5").
+- Last final answer wins: "\\boxed{3} ... actually \\boxed{5}" answers 5. Boxes separated only by math delimiters
+  (`$`, `$$`, `\\(...\\)`, `\\[...\\]`, on one line or several), punctuation, the words or/and/maybe/possibly/
+  perhaps/probably/also and a name for the next value ("or \\(x = \\boxed{5}\\)") form one answer:
+  "\\(\\boxed{3}\\) or maybe \\(\\boxed{5}\\)" is "3 or 5", and so is "\\boxed{3} or maybe 5" (an unboxed
+  alternative after the last box). A ground truth written that way is the same list.
 - Hedges are lists, and a list never equals a single value: "42 or 43", "42 \\pm 1" (read as {43, 41}) and
   "1, 2, \\ldots, 100" are wrong for 42. `\\pm` in a ground truth expands the same way, so "\\pm 2" equals "2, -2".
 - Bare lists ("2, 3") are unordered (solution lists); parenthesised tuples are ordered, intervals must match
-  bracket for bracket, `\\{...\\}` sets are unordered. A list may stand for a `( )` tuple in the same order, a
-  column vector equals the tuple of its entries, and a one-element set equals its element.
+  bracket for bracket, `\\{...\\}` sets (and `{1, 2}`, a set that lost its backslashes) are unordered. A list may
+  stand for a `( )` tuple in the same order, a column vector equals the tuple of its entries, and a one-element set
+  equals its element.
 - Percentages: "%" means /100, but labels often drop the sign ("what percent ..." -> "25"), so a value with "%"
   on exactly one side matches either its bare number or its value: "25%" equals "25" and "0.25"; "0.25" equals
   "25%". With "%" on both sides the numbers must match.
@@ -55,22 +60,31 @@ Rules and choices
 - A number followed by a unit or by plain words compares as the number ("5 \\text{ cm}", "18 dollars",
   "7 red marbles"), unless a word qualifies it ("about 42", "42 or more" stay text). "\\frac{\\sqrt2}{2} \\approx 0.707"
   is graded on the exact value before "\\approx".
-- Thousands separators: "1,000", "1{,}000", "1\\,000" and "1 000" are 1000 only when the whole answer is such a
-  number (digit groups of exactly three); otherwise a comma separates list items.
+- Thousands separators: "1,000", "1{,}000", "1{, }000", "1,\\! 000", "1\\,000" and "1 000" are 1000 only when the
+  whole answer is such a number (digit groups of exactly three); otherwise a comma separates list items.
 - Notation: `e` is Euler's number and `i` the imaginary unit; `2e3` is 2000; `x^23` means x^23 (plain-text
   reading) but `\\frac12` and `\\sqrt2` take one digit (LaTeX reading); `3\\frac{1}{2}` is the mixed number 7/2;
   `\\sqrt[3]{-8}` is -2; `\\log` is the natural log; `1011_2` (base notation) compares as text.
-- "x = 3", "f(x) = 3", "(x, y) = (1, 2)", "x \\in [2, 5]" and "\\approx 3" compare by their right-hand side;
-  "2 + 3 = 5" by its value. Two equations are equal when one is a non-zero multiple of the other
-  ("2x + 2y = 2" = "x + y = 1"). Inequalities in one variable are intervals: "x > 3" = "(3, \\infty)",
-  "2 \\le x < 5" = "[2, 5)".
+- Against a value, "x = 3", "f(x) = 3", "(x, y) = (1, 2)", "x \\in [2, 5]" and "\\approx 3" compare by their
+  right-hand side, and an equation with constant sides by those ("2 + 3 = 5", "m + n = 113" answer 5 and 113; every
+  constant side must match, so "42 = 43" answers nothing). Two equations are equal when one is a non-zero multiple
+  of the other, so explicit and implicit forms agree ("y = 3 - 2x" = "2x + y = 3", "2x + 2y = 2" = "x + y = 1"),
+  but "x = 3" != "y = 3"; equations with the same left-hand side also match by their right-hand sides.
+- Inequalities in one variable are intervals: "x > 3" = "(3, \\infty)", "2 \\le x < 5" = "[2, 5)". A linear one is
+  solved exactly, whatever side the variable is on and whatever factor scales it ("-x > -1" = "x < 1",
+  "-1 < 2x + 1 \\le 5" = "(-1, 2]"); others ("x^2 > 4") are not solved.
+- Matrices: pmatrix, bmatrix, `\\left[\\begin{array}...\\right]` and a matrix in brackets are the same matrix; sums,
+  products and scalar multiples of literals in an answer are computed exactly ("I + A", "2A", "AB", in order).
+- `\\sum` and `\\prod` are not evaluated: two are equal when index, bounds and body agree up to the order of terms
+  and factors ("\\sum_{k=0}^{n-1} F_k F_{n-k-1}" = the same with the factors swapped), so "\\sum_{k=1}^{n} 2k" is
+  not shown equal to "2\\sum_{k=1}^{n} k".
 - A ground truth that is one of A-E (optionally "(C)") is a multiple-choice letter: "C", "(C)", "\\textbf{(C)} 42"
-  answer it.
+  answer it; "C (or maybe D)" does not.
 - Words compare as text, ignoring case and spaces ("\\text{Monday}" = "monday").
 - Limits that make every check bounded: answers over MAX_ANSWER_CHARS are wrong (ground truths over it are bad);
   bracket nesting over MAX_NESTING is refused; exact values over MAX_BITS (about 12,000 digits: `10^{10^{10}}`,
-  `9^{9^{9^9}}`, `2^{65536}`) are never equal to anything, even themselves written differently (identical text
-  still matches).
+  `9^{9^{9^9}}`, `2^{65536}`) are never equal to anything, even themselves written differently (identical text, or
+  the same parsed expression, still matches).
 - A ground truth is "bad" when it is empty, longer than MAX_ANSWER_CHARS, or has unbalanced brackets.
 
 Linux/macOS only (the worker's timeout uses select() on a pipe).
@@ -126,7 +140,16 @@ _ANSWER_LINE_RE = re.compile(
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _DELIMITER_ONLY_RE = re.compile(r"[\s$*]*(?:\\\[|\\\]|\\\(|\\\))?[\s$*]*")
 _GAP_TEXT_RE = re.compile(r"\\(?:text|textrm|mathrm)\s*\{([^{}]*)\}")
-_GAP_RE = re.compile(r"[\s,;&.$]*(?:(or|and)[\s,;&$]*)?", re.IGNORECASE)
+# What may sit between two boxes of one answer: math delimiters and TeX spaces (whatever wraps each box), punctuation,
+# joining or hedging words, and the name the next box's value is given ("or \\(x = \\boxed{3}\\)").
+_GAP_NOISE_RE = re.compile(r"\\[()\[\]]|\$|\\(?:quad|qquad|[,;:! ])|[\s,;&.*]")
+_GAP_NAME_RE = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=\s*$")
+_GAP_WORDS = {"or", "and", "maybe", "possibly", "perhaps", "probably", "also"}
+# The same hedge with its alternative left unboxed: "\\(\\boxed{42}\\) or maybe 43". Only a value may follow the
+# words (a digit, sign, `$`, `\\`, `(`), so a restatement ("or, equivalently, $42$") is not a hedge.
+_HEDGE_AFTER_RE = re.compile(
+    r"(?:\s|[,;.*$]|\\[)\]])*(?:(?:or|maybe|possibly|perhaps|probably)\b[\s,]*)+(?=[-+\d$\\(])", re.IGNORECASE
+)
 
 
 def _match_brace(s: str, i: int) -> int:
@@ -171,26 +194,27 @@ def _boxes(s: str) -> list[tuple[int, int, str]]:
 
 
 def _last_boxed(s: str) -> tuple[int | None, str | None]:
-    """Position and content of the last box; boxes on its line joined only by `,`/`or`/`and` are merged."""
+    """Position and content of the last box; the boxes before it that only delimiters, punctuation and joining or
+    hedging words separate ("\\(\\boxed{3}\\) or maybe \\(\\boxed{5}\\)") are merged with it into one list."""
     boxes = _boxes(s)
     if not boxes:
         return None, None
     group = [boxes[-1]]
     joins: list[str] = []
     for prev in reversed(boxes[:-1]):
-        gap = s[prev[1] : group[0][0]]
-        if "\n" in gap:
-            break
-        gap = _GAP_TEXT_RE.sub(r" \1 ", gap)
-        gap = re.sub(r"\\(?:quad|qquad|[,;:! ])", " ", gap)
-        m = _GAP_RE.fullmatch(gap)
-        if not m:
-            break  # prose between the boxes: an earlier answer that was revised, not part of this one
+        gap = _GAP_TEXT_RE.sub(r" \1 ", s[prev[1] : group[0][0]])
+        gap = _GAP_NAME_RE.sub("", _GAP_NOISE_RE.sub(" ", gap))
+        words = gap.lower().split()
+        if not set(words) <= _GAP_WORDS:
+            break  # prose between the boxes ("wait, actually"): an earlier answer that was revised, not a hedge
         group.insert(0, prev)
-        joins.insert(0, " or " if (m.group(1) or "").lower() == "or" else ", ")
+        joins.insert(0, ", " if set(words) <= {"and"} else " or ")
     text = group[0][2]
     for join, box in zip(joins, group[1:]):
         text += join + box[2]
+    hedge = _HEDGE_AFTER_RE.match(s, boxes[-1][1])
+    if hedge:
+        text += " or " + s[hedge.end() :].split("\n\n", 1)[0]  # to the paragraph's end: display math spans lines
     return boxes[-1][0], text
 
 
@@ -413,9 +437,11 @@ def _clean(s: str) -> str:
     s = re.sub(r"\\(leq?|geq?|neq?)(?:slant)?(?![A-Za-z])", lambda m: "\\" + m.group(1)[:2], s)
     s = s.replace("<=", "\\le ").replace(">=", "\\ge ")
     s = re.sub(r"\\in(?![A-Za-z])", r" \\in ", s)  # "x\in[2,5]": give _strip_lhs its separator
-    s = re.sub(r"\\[,!>]", "", s)  # thin spaces: removing them also glues "1\,000" into 1000
+    # Thin spaces go, which glues "1\,000" into 1000; `\!` (negative space) pulls its neighbours together, so the
+    # spaces around it go too ("32,\! 349"), as do those of a brace-protected comma ("14 {, }916" is "14{,}916").
+    s = re.sub(r"\s*\\!\s*|\\[,>]", "", s)
     s = re.sub(r"\\(?:[;: ]|quad(?![A-Za-z])|qquad(?![A-Za-z]))|~", " ", s)
-    s = s.replace("{,}", ",")
+    s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)
     s = _DEGREE_RE.sub(r"\\degree ", s)
     s = re.sub(r"\\%|\s*\bpercent\b", "%", s)
     s = re.sub(r"\s+", " ", s).strip()
@@ -474,7 +500,7 @@ def _key(s: str) -> str:
 # Structure: tuples, intervals, sets, lists, unions, matrices
 # --------------------------------------------------------------------------------------------------------------
 
-_MATRIX_RE = re.compile(r"\\begin\{([a-zA-Z]*matrix|array)\}(?:\{[lcr| ]*\})?(.*)\\end\{\1\}", re.DOTALL)
+_MATRIX_RE = re.compile(r"\\begin\{([a-zA-Z]*matrix|array)\}(?:\{[lcr| ]*\})?(.*?)\\end\{\1\}", re.DOTALL)
 _SIMPLE_VAR = r"(?:[A-Za-z]+|\\[A-Za-z]+)(?:_\{?\w+\}?)?"
 _SIMPLE_LHS_RE = re.compile(
     r"\s*(?:"
@@ -529,12 +555,17 @@ def _encloses(s: str, open_len: int, close_len: int) -> bool:
     return _depth_ok(s[open_len : len(s) - close_len]) if len(s) >= open_len + close_len else False
 
 
-def _strip_lhs(s: str) -> str:
-    """ "x = 3" -> "3", "(x, y) = (1, 2)" -> "(1, 2)", "x = 1/2 = 0.5" -> "0.5"; "x^2 + y^2 = 1" stays an equation.
-    "\\frac{\\sqrt2}{2} \\approx 0.707" -> the exact value before the approximation ("x \\approx 0.7" -> "0.7")."""
+def _drop_approx(s: str) -> str:
+    """ "\\frac{\\sqrt2}{2} \\approx 0.707" -> the exact value before the approximation ("x \\approx 0.7" -> "0.7").
+    Not across a list: in "a \\approx 0.7 or b" each item drops its own, and the hedge stays a list."""
     approx = _split_top(s, ("\\approx",))
-    if len(approx) > 1 and approx[0]:
-        s = approx[1] if _SIMPLE_LHS_RE.fullmatch(approx[0]) else approx[0]
+    if len(approx) > 1 and approx[0] and len(_split_top(s, _LIST_SEPARATORS)) == 1:
+        return approx[1] if _SIMPLE_LHS_RE.fullmatch(approx[0]) else approx[0]
+    return s
+
+
+def _strip_lhs(s: str) -> str:
+    """ "x = 3" -> "3", "(x, y) = (1, 2)" -> "(1, 2)", "x = 1/2 = 0.5" -> "0.5"; "x^2 + y^2 = 1" stays an equation."""
     parts = _split_top(s, ("=", "\\in "))
     # "x = 1, y = 2" and "x = 2 or x = 3" are lists of assignments, not one chain.
     chain_ok = len(parts) == 2 or len(_split_top(s, _LIST_SEPARATORS)) == 1
@@ -547,36 +578,130 @@ _RELATION_RE = re.compile(r"(<|>|\\le(?![A-Za-z])|\\ge(?![A-Za-z])|\\lt(?![A-Za-
 _VAR_RE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?")
 
 
-def _inequality(s: str) -> tuple | None:
-    """ "x > 3" -> the interval (3, oo); "2 \\le x < 5" -> [2, 5). None if s is not such an inequality."""
-    parts = [p.strip() for p in _RELATION_RE.split(s)]
-    lower = {"<": "(", "\\lt": "(", "\\le": "["}
-    upper = {">": "(", "\\gt": "(", "\\ge": "["}
-    flip = {"(": ")", "[": "]"}
-    if len(parts) == 3 and all(parts):
-        a, op, b = parts
-        if _VAR_RE.fullmatch(b) and not _VAR_RE.fullmatch(a):  # "3 < x" reads as "x > 3"
-            a, b = b, a
-            op = {"<": ">", ">": "<", "\\lt": "\\gt", "\\gt": "\\lt", "\\le": "\\ge", "\\ge": "\\le"}[op]
-        if not _VAR_RE.fullmatch(a):
-            return None
-        if op in lower:
-            return ("tuple", "(", flip[lower[op]], (("scalar", "-\\infty"), ("scalar", b)))
-        return ("tuple", upper[op], ")", (("scalar", b), ("scalar", "\\infty")))
-    if len(parts) == 5 and all(parts) and _VAR_RE.fullmatch(parts[2]):
-        lo, op1, _, op2, hi = parts
-        if op1 in lower and op2 in lower:
-            return ("tuple", lower[op1], flip[lower[op2]], (("scalar", lo), ("scalar", hi)))
-        if op1 in upper and op2 in upper:
-            return ("tuple", upper[op2], flip[upper[op1]], (("scalar", hi), ("scalar", lo)))
+_UPPER_OPS = {"<": False, "\\lt": False, "\\le": True}  # "x op b" bounds x from above; True: closed
+_LOWER_OPS = {">": False, "\\gt": False, "\\ge": True}
+
+
+def _half_line(lhs: str, op: str, rhs: str) -> tuple[str, str, bool] | None:
+    """ "lhs op rhs" as (side, bound, closed) with side "upper" or "lower", for the one variable it constrains.
+
+    A linear inequality in one variable is solved exactly: a*x + b > 0 is x > -b/a for a > 0 and x < -b/a for
+    a < 0 ("-x > -1" is "x < 1", "2x > 4" is "x > 2"). Otherwise a variable alone on one side takes the other
+    side as its bound ("x > \\sqrt{2}")."""
+    closed = _UPPER_OPS.get(op, _LOWER_OPS.get(op))
+    upper = op in _UPPER_OPS
+    try:
+        diff = _poly_add(_poly(_parse(lhs)), _poly(_parse(rhs)), -1)  # lhs - rhs, "op 0"
+    except (_NotMath, _NotRational, _TooBig, _Undefined):
+        diff = None
+    terms = [m for m in diff if m] if diff is not None else []
+    if len(terms) == 1 and len(terms[0]) == 1 and terms[0][0][1] == 1:
+        a = diff[terms[0]]
+        bound = -diff.get((), Fraction(0)) / a
+        return ("upper" if upper == (a > 0) else "lower", f"{bound.numerator}/{bound.denominator}", closed)
+    for var, other, side in ((lhs, rhs, upper), (rhs, lhs, not upper)):
+        if _VAR_RE.fullmatch(var) and var not in (_symbols_of(other) or ()):  # "x > a + 1": a symbolic bound
+            return ("upper" if side else "lower", other, closed)
     return None
+
+
+def _inequality(s: str) -> tuple | None:
+    """ "x > 3" -> the interval (3, oo); "2 \\le x < 5" and "-1 < 2x + 1 \\le 5" -> [2, 5) and (-1, 2]. None if s is
+    not such an inequality."""
+    parts = [p.strip() for p in _RELATION_RE.split(s)]
+    if len(parts) not in (3, 5) or not all(parts):
+        return None
+    bounds = [_half_line(parts[i], parts[i + 1], parts[i + 2]) for i in range(0, len(parts) - 2, 2)]
+    if None in bounds:
+        return None
+    lower = [b for b in bounds if b[0] == "lower"]
+    upper = [b for b in bounds if b[0] == "upper"]
+    if len(lower) > 1 or len(upper) > 1:
+        return None  # "1 < x > 3": not an interval
+    lo = lower[0] if lower else ("lower", "-\\infty", False)
+    hi = upper[0] if upper else ("upper", "\\infty", False)
+    return ("tuple", "[" if lo[2] else "(", "]" if hi[2] else ")", (("scalar", lo[1]), ("scalar", hi[1])))
+
+
+_MATRIX_REF = "\x02"  # stands for the k-th matrix literal, "\x02k\x02", while a matrix expression is read
+_MATRIX_REF_RE = re.compile(r"\x02(\d+)\x02")
+_MATRIX_MUL_RE = re.compile(r"\\cdot|\\times|\*")
+
+
+def _matrix_value(s: str) -> list[list[str]] | None:
+    """Entries (as text) of a matrix answer: one literal, or a sum of products of literals and scalars
+    ("I + A", "2A", "AB"), with any brackets around a literal ("\\left[\\begin{array}...\\right]") read as its
+    delimiters. Arithmetic is done on the entries' text ("(a)(b)+(c)(d)"), which the scalar comparison then
+    evaluates exactly. None when s is not such an expression (a list or set of matrices, a transpose...)."""
+    literals: list[list[list[str]]] = []
+
+    def ref(m: re.Match) -> str:
+        rows = [r for r in m.group(2).split(_ROW) if r.strip()]
+        literals.append([[c.strip() for c in r.split("&")] for r in rows])
+        return f"{_MATRIX_REF}{len(literals) - 1}{_MATRIX_REF}"
+
+    skeleton = _MATRIX_RE.sub(ref, s)
+    if not literals or len(literals) > 8:
+        return None
+    skeleton = re.sub(r"[([]\s*(\x02\d+\x02)\s*[)\]]", r"\1", skeleton)
+    if _MATRIX_REF_RE.fullmatch(skeleton.strip()):
+        return literals[0]
+    total: list[list[str]] | None = None
+    for sign, term in _signed_terms(skeleton):
+        pieces = _MATRIX_REF_RE.split(term)  # scalar text, matrix index, scalar text, ...
+        scalars = [_MATRIX_MUL_RE.sub(" ", p).strip() for p in pieces[0::2]]
+        scalars = [x for x in scalars if x]
+        if len(pieces) < 3 or not all(_symbols_of(x) is not None for x in scalars):
+            return None  # a term without a matrix, or a factor that is not a scalar ("A^T", "A, B")
+        value = literals[int(pieces[1])]
+        for k in pieces[3::2]:
+            other = literals[int(k)]
+            if any(len(r) != len(other) for r in value) or len({len(r) for r in other}) != 1:
+                return None  # shapes that do not multiply: not an answer to grade by value
+            value = [
+                ["+".join(f"({r[i]})({other[i][j]})" for i in range(len(r))) for j in range(len(other[0]))]
+                for r in value
+            ]
+        coef = "".join(f"({x})" for x in scalars)
+        value = [[f"{'-' if sign == '-' else ''}{coef}({e})" for e in r] for r in value]
+        if total is not None and [len(r) for r in total] != [len(r) for r in value]:
+            return None
+        total = value if total is None else [[f"{a}+{b}" for a, b in zip(ra, rb)] for ra, rb in zip(total, value)]
+    if total is None or sum(len(e) for r in total for e in r) > MAX_ANSWER_CHARS * 4:
+        return None  # large products are refused rather than expanded
+    return total
+
+
+def _signed_terms(s: str) -> list[tuple[str, str]]:
+    """The terms of a sum at bracket depth 0, each with its sign: "A - 2B" -> [("", "A"), ("-", "2B")]."""
+    terms: list[tuple[str, str]] = []
+    depth, start, sign = 0, 0, ""
+    for i, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c in "+-" and depth == 0:
+            if s[start:i].strip():
+                terms.append((sign, s[start:i]))
+            elif sign:
+                return []  # "A + -B": two signs in a row; refuse rather than guess
+            sign, start = ("-" if c == "-" else "+" if terms else ""), i + 1
+    terms.append((sign, s[start:]))
+    return terms
 
 
 def _structure(s: str, depth: int = 0) -> tuple:
     """Parse the outer shape of an answer. Leaves are ("scalar", text)."""
-    s = _strip_lhs(s.strip())
+    s = _drop_approx(s.strip())
     if depth > 8:
         return ("scalar", s)
+    value = _strip_lhs(s)
+    if value != s:
+        inner = _structure(value, depth + 1)
+        # "(x, y) = (1, 2)" is its tuple; "y = 2x + 1" stays an equation leaf, which _scalar_equal compares as an
+        # equation with an equation and by its value with a value.
+        return ("scalar", s) if inner[0] == "scalar" and _split_eq(s) else inner
     interval = (
         _inequality(s) if ("<" in s or ">" in s or "\\le" in s or "\\ge" in s or "\\lt" in s or "\\gt" in s) else None
     )
@@ -584,20 +709,22 @@ def _structure(s: str, depth: int = 0) -> tuple:
         return interval
     if s in ("\\emptyset", "\\varnothing", "\\{\\}"):
         return ("set", ())
-    m = _MATRIX_RE.fullmatch(s)
-    if m:
-        rows = [r for r in (row.strip() for row in m.group(2).split(_ROW)) if r]
-        cells = [[_structure(c, depth + 1) for c in row.split("&")] for row in rows]
+    rows = _matrix_value(s) if "\\begin" in s else None
+    if rows:
+        cells = [[_structure(c, depth + 1) for c in row] for row in rows]
         if len(cells) > 1 and all(len(r) == 1 for r in cells):
             return ("tuple", "(", ")", tuple(r[0] for r in cells))  # a column vector is its tuple of entries
         return ("matrix", tuple(tuple(r) for r in cells))
     parts = _split_top(s, ("\\cup",))
     if len(parts) > 1:
         return ("union", tuple(_structure(p, depth + 1) for p in parts))
-    if s.startswith("\\{") and s.endswith("\\}") and _encloses(s, 2, 2):
-        inner = s[2:-2].strip()
+    # `\{1, 2\}`, and `{1, 2}` as models write it once the backslashes are lost (a TeX group never holds a comma).
+    brace = 2 if s.startswith("\\{") and s.endswith("\\}") else 1 if s[:1] == "{" and s[-1:] == "}" else 0
+    if brace and _encloses(s, brace, brace):
+        inner = s[brace:-brace].strip()
         items = _split_top(inner, (",", ";")) if inner else []
-        return ("set", _flatten(tuple(_structure(p, depth + 1) for p in items)))
+        if brace == 2 or len(items) > 1:
+            return ("set", _flatten(tuple(_structure(p, depth + 1) for p in items)))
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s, 1, 1):
         items = _split_top(s[1:-1], (",",))
         if len(items) >= 2:
@@ -784,7 +911,7 @@ _PLAIN_WORDS = {
     "infinity": "infty",
     "oo": "infty",
 }
-_ATOM_CMDS = {"frac", "binom", "sqrt", "pi", "infty", "lfloor", "lceil"} | _FUNCS | _GREEK
+_ATOM_CMDS = {"frac", "binom", "sqrt", "pi", "infty", "lfloor", "lceil", "sum", "prod"} | _FUNCS | _GREEK
 _CLOSE = {"(": ")", "[": "]", "{": "}"}
 _NUM_RE = re.compile(r"(?P<int>\d+)?(?:\.(?P<frac>\d*)(?:\\overline\{(?P<rep>\d+)\})?)?(?:[eE](?P<exp>[+-]?\d+))?")
 _CMD_RE = re.compile(r"\\([A-Za-z]+)")
@@ -835,7 +962,7 @@ def _tokenize(s: str) -> list[tuple]:
         elif c == "*" and s.startswith("**", i):
             toks.append(("op", "^"))
             i += 2
-        elif c in "+-*/^_()[]{}!|":
+        elif c in "+-*/^_()[]{}!|=":  # "=" only inside \\sum_{k=0}
             toks.append(("op", c))
             i += 1
         else:
@@ -1025,6 +1152,27 @@ class _Parser:
             return self.atom()
         raise _NotMath
 
+    def big_operator(self, name: str) -> tuple:
+        """\\sum_{k=lo}^{hi} body (the body runs to the end of the product, as it is read). Its value is not computed
+        (bounds are usually symbolic): it becomes one opaque symbol named by its canonical form, so two sums are
+        equal when their index, bounds and bodies agree up to the order of terms and factors, and the rest of the
+        expression compares as usual ("1 + \\sum ..." vs "\\sum ... + 1")."""
+        self.expect("_")
+        self.expect("{")
+        index = self.peek()
+        if index[0] not in ("name", "cmd"):
+            raise _NotMath
+        self.pos += 1
+        self.expect("=")
+        lo = self.sum()
+        self.expect("}")
+        self.expect("^")
+        hi = self.arg()
+        self.enter()
+        body = self.product()
+        self.depth -= 1
+        return ("sym", f"\\{name}[{index[1]}={_canonical(lo)};{_canonical(hi)};{_canonical(body)}]")
+
     def command(self, name: str) -> tuple:
         if name == "frac":
             a = self.arg()
@@ -1046,6 +1194,8 @@ class _Parser:
             return ("const", "oo")
         if name in _GREEK:
             return ("sym", name + self.subscript())
+        if name in ("sum", "prod"):
+            return self.big_operator(name)
         if name in ("lfloor", "lceil"):
             node = self.sum()
             close = "rfloor" if name == "lfloor" else "rceil"
@@ -1066,6 +1216,23 @@ class _Parser:
             node = ("log", arg, base) if name in ("log", "ln") else ("fn", name, arg)
             return ("pow", node, power) if power is not None else node
         raise _NotMath
+
+
+def _canonical(node: tuple) -> str:
+    """A text for node that is the same for sums and products written in any order (a + b = b + a, ab = ba)."""
+    kind = node[0]
+    if kind in ("add", "mul"):
+        flat: list[tuple] = []
+        stack = list(node[1])
+        while stack:  # associativity too: (a + b) + c is a + b + c
+            child = stack.pop()
+            if child[0] == kind:
+                stack.extend(child[1])
+            else:
+                flat.append(child)
+        return kind + "(" + ",".join(sorted(_canonical(c) for c in flat)) + ")"
+    args = [_canonical(c) if isinstance(c, tuple) else str(c) for c in node[1:]]
+    return kind + "(" + ",".join(args) + ")"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1144,33 +1311,18 @@ def _rat_pow(b: Fraction, e: Fraction) -> Fraction:
 
 
 def _rat(node: tuple) -> Fraction:
+    """Exact value of a node without variables; _NotRational when it has one or is irrational."""
+    p = _poly(node)
+    if any(p):  # a monomial other than the constant one
+        raise _NotRational
+    return p.get((), Fraction(0))
+
+
+def _rat_function(node: tuple) -> Fraction:
+    """Exact value of the nodes _poly does not build from sums and products: numbers, roots, factorials..."""
     kind = node[0]
     if kind == "num":
         return node[1]
-    if kind == "add":
-        total = Fraction(0)
-        for t in node[1]:
-            total += _rat(t)
-            if _bits(total) > MAX_BITS:
-                raise _TooBig
-        return total
-    if kind == "mul":
-        prod = Fraction(1)
-        for f in node[1]:
-            v = _rat(f)
-            if _bits(prod) + _bits(v) > MAX_BITS:
-                raise _TooBig
-            prod *= v
-        return prod
-    if kind == "neg":
-        return -_rat(node[1])
-    if kind == "inv":
-        v = _rat(node[1])
-        if v == 0:
-            raise _Undefined
-        return 1 / v
-    if kind == "pow":
-        return _rat_pow(_rat(node[1]), _rat(node[2]))
     if kind == "root":
         index = _rat(node[2])
         if index.denominator != 1:
@@ -1213,12 +1365,106 @@ def _rat(node: tuple) -> Fraction:
     raise _NotRational
 
 
-def _try_rat(node: tuple):
-    """Fraction, or one of the exception classes that stopped exact evaluation."""
+# A polynomial with rational coefficients: {monomial: coefficient}, a monomial being a sorted tuple of
+# (symbol, exponent); zero coefficients are never stored, so equal polynomials are equal dicts. A number is the
+# polynomial {(): value}. Exact, in-process, and it decides what answers mostly are: numbers, polynomials, and the
+# linear equations and inequalities of lines and half-lines.
+MAX_TERMS = 256  # expanding (a + b + c)^20 is no answer check: larger polynomials go to the float/sympy path
+
+
+def _poly_add(p: dict, q: dict, sign: int = 1) -> dict:
+    out = dict(p)
+    for m, c in q.items():
+        v = out.get(m, 0) + sign * c
+        if v:
+            if _bits(v) > MAX_BITS:
+                raise _TooBig
+            out[m] = v
+        else:
+            out.pop(m, None)
+    return out
+
+
+def _poly_mul(p: dict, q: dict) -> dict:
+    if len(p) * len(q) > MAX_TERMS * MAX_TERMS:
+        raise _NotRational
+    out: dict = {}
+    for m1, c1 in p.items():
+        for m2, c2 in q.items():
+            if _bits(c1) + _bits(c2) > MAX_BITS:
+                raise _TooBig
+            powers = dict(m1)
+            for name, k in m2:
+                powers[name] = powers.get(name, 0) + k
+            out = _poly_add(out, {tuple(sorted(powers.items())): c1 * c2})
+    if len(out) > MAX_TERMS:
+        raise _NotRational
+    return out
+
+
+def _poly(node: tuple) -> dict:
+    """The polynomial node stands for, or _NotRational (irrational constants, roots of variables, division by a
+    variable...), _TooBig, _Undefined."""
+    kind = node[0]
+    if kind == "sym":
+        return {((node[1], 1),): Fraction(1)}
+    if kind == "add":
+        total: dict = {}
+        for t in node[1]:
+            total = _poly_add(total, _poly(t))
+        return total
+    if kind == "mul":
+        prod = {(): Fraction(1)}
+        for f in node[1]:
+            prod = _poly_mul(prod, _poly(f))
+        return prod
+    if kind == "neg":
+        return {m: -c for m, c in _poly(node[1]).items()}
+    if kind in ("inv", "pow"):
+        base = _poly(node[1])
+        if not any(base):  # a constant base: rational arithmetic
+            c = base.get((), Fraction(0))
+            if kind == "inv":
+                if c == 0:
+                    raise _Undefined
+                return {(): 1 / c}
+            v = _rat_pow(c, _rat(node[2]))
+            return {(): v} if v else {}
+        if kind == "inv":
+            raise _NotRational  # a rational function: left to the float screen and sympy
+        e = _rat(node[2])
+        if e.denominator != 1 or e < 0:
+            raise _NotRational
+        if len(base) == 1:  # a monomial: exponents multiply, however large (bounded by MAX_BITS)
+            ((m, c),) = base.items()
+            if e * max(k for _, k in m) > MAX_BITS:
+                raise _TooBig
+            return {tuple((name, k * int(e)) for name, k in m if e): _rat_pow(c, e)}  # x^0 is 1
+        if e > 64:
+            raise _NotRational
+        out = {(): Fraction(1)}
+        for _ in range(int(e)):
+            out = _poly_mul(out, base)
+        return out
+    v = _rat_function(node)  # every other node is a constant, or not a polynomial (_NotRational)
+    return {(): v} if v else {}
+
+
+def _try_poly(node: tuple):
+    """The polynomial, or one of the exception classes that stopped exact evaluation."""
     try:
-        return _rat(node)
+        return _poly(node)
     except (_NotRational, _TooBig, _Undefined) as e:
         return type(e)
+
+
+def _poly_multiple(p: dict, q: dict) -> bool:
+    """Is p a non-zero rational multiple of q (the same equation "p = 0")? Both must involve a variable."""
+    if not any(p) or not any(q) or p.keys() != q.keys():
+        return False
+    m = next(iter(q))
+    ratio = p[m] / q[m]
+    return all(p[k] == ratio * q[k] for k in q)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1342,20 +1588,40 @@ def _drop_final_degree(s: str) -> str:
 
 _CHOICE_RE = re.compile(r"\(?([A-E])\)?")
 _CHOICE_PRED_RE = re.compile(r"\(?([A-E])(?:\)|(?=[\s:.])|$).*", re.DOTALL)
+# What may follow the letter is its option's value ("(C) 42"), never a second letter or a hedging word: "C (or
+# maybe D)" hedges between two options.
+_CHOICE_HEDGE_RE = re.compile(r"(?<![A-Za-z\\])(?:[A-E]|(?i:or|maybe|possibly|perhaps|probably))(?![A-Za-z])")
 
 
 def _split_eq(s: str) -> tuple[str, str] | None:
+    """The two ends of an equation or of a chain "x = 2 + 3 = 5"; None if s is not one."""
     parts = _split_top(s, ("=",))
-    if len(parts) != 2 or parts[0].endswith(("<", ">", "!")) or parts[1].startswith("="):
+    if len(parts) < 2 or not all(parts) or any(p.endswith(("<", ">", "!")) for p in parts):
         return None
-    return parts[0], parts[1]
+    return parts[0], parts[-1]
+
+
+def _equation_values(s: str) -> list[str] | None:
+    """What an equation answers when the other side is a value: what follows a name ("x = 3", "f(x) = x^2",
+    "x = 2 + 3 = 5"), or else its constant sides, whatever names them ("2 + 3 = 5", "m + n = 113": answers that
+    restate what was asked). Every one must equal the value, so "42 = 43" answers nothing. None for an equation in
+    unknowns that answers no value ("y = x^2 + 1" has a name, "x + y = 2x" has neither)."""
+    parts = _split_top(s, ("=",))
+    if _SIMPLE_LHS_RE.fullmatch(parts[0]):
+        return parts[1:]
+    return [p for p in parts if _is_constant(p)] or None
+
+
+def _symbols_of(s: str) -> set[str] | None:
+    """The variables of an expression, or None if it is not one."""
+    try:
+        return _symbols(_parse(s))
+    except _NotMath:
+        return None
 
 
 def _is_constant(s: str) -> bool:
-    try:
-        return not _symbols(_parse(s))
-    except _NotMath:
-        return False
+    return _symbols_of(s) == set()
 
 
 def _text_key(s: str) -> str:
@@ -1369,18 +1635,28 @@ def _scalar_equal(p: str, g: str, use_sympy: bool) -> bool | None:
     choice = _CHOICE_RE.fullmatch(g)
     if choice:
         m = _CHOICE_PRED_RE.fullmatch(p)
-        return bool(m) and m.group(1) == choice.group(1)
+        return bool(m) and m.group(1) == choice.group(1) and not _CHOICE_HEDGE_RE.search(p, m.end(1))
     p_pct, g_pct = p.endswith("%"), g.endswith("%")
     p, g = p.rstrip("%").rstrip(), g.rstrip("%").rstrip()
     if _key(p) == _key(g):
         return True  # "25%" vs "25": the label dropped the sign (see the percentage rule)
     pe, ge = _split_eq(p), _split_eq(g)
-    if pe and not ge and _is_constant(pe[0]):
-        p, pe = pe[1], None  # "2 + 3 = 5": the value after '=' is the answer
+    if pe and ge:
+        verdict = False
+        if _key(pe[0]) == _key(ge[0]):  # the same quantity named: "\\angle A = 30^\\circ" vs "\\angle A = 30"
+            verdict = _scalar_equal(pe[1], ge[1], use_sympy)
+        return verdict or _or_none(verdict, _equations_equal(pe, ge, use_sympy))
     if pe or ge:
-        if not (pe and ge):
+        values = _equation_values(p if pe else g)
+        if values is None:
             return False
-        return _equations_equal(pe, ge, use_sympy)
+        verdict = True
+        for v in values:
+            r = _scalar_equal(v, g, use_sympy) if pe else _scalar_equal(p, v, use_sympy)
+            if r is False:
+                return False
+            verdict = verdict and r  # None (undecided) stays None unless another value is False
+        return verdict
     try:
         pa, ga = _parse(p), _parse(g)
     except _NotMath:
@@ -1399,12 +1675,30 @@ def _scalar_equal(p: str, g: str, use_sympy: bool) -> bool | None:
     return verdict
 
 
+def _or_none(a: bool | None, b: bool | None) -> bool | None:
+    """Either verdict true: True; otherwise None if either is undecided, else False."""
+    return True if a or b else None if a is None or b is None else False
+
+
+def _infinity(node: tuple) -> int:
+    """1 for "\\infty", -1 for "-\\infty", 0 for anything else."""
+    sign = 1
+    while node[0] == "neg":
+        sign, node = -sign, node[1]
+    return sign if node == ("const", "oo") else 0
+
+
 def _expr_equal(a: tuple, b: tuple, use_sympy: bool) -> bool | None:
-    ra, rb = _try_rat(a), _try_rat(b)
-    if ra in (_TooBig, _Undefined) or rb in (_TooBig, _Undefined):
+    if a == b:
+        return True  # the same tree: nothing to evaluate (this is how opaque sums and products compare)
+    inf_a, inf_b = _infinity(a), _infinity(b)
+    if inf_a or inf_b:
+        return inf_a == inf_b  # an interval's infinite end meets a finite one: no float or sympy needed to say no
+    pa, pb = _try_poly(a), _try_poly(b)
+    if pa in (_TooBig, _Undefined) or pb in (_TooBig, _Undefined):
         return False
-    if isinstance(ra, Fraction) and isinstance(rb, Fraction):
-        return ra == rb
+    if isinstance(pa, dict) and isinstance(pb, dict):
+        return pa == pb
     if _floats_differ(a, b):
         return False
     if not use_sympy:
@@ -1417,6 +1711,9 @@ def _equations_equal(pe: tuple[str, str], ge: tuple[str, str], use_sympy: bool) 
         sides = [_parse(x) for x in (*pe, *ge)]
     except _NotMath:
         return False
+    polys = [_try_poly(x) for x in sides]
+    if all(isinstance(x, dict) for x in polys):  # lines, planes, conics with rational coefficients: decided exactly
+        return _poly_multiple(_poly_add(polys[0], polys[1], -1), _poly_add(polys[2], polys[3], -1))
     if not use_sympy:
         return None
     return _sympy_equations_equal(*sides)

@@ -12,8 +12,8 @@ It prints, for reward_utils and (if importable) math-verify:
 
 math-verify is only a comparison here, never a dependency: pip install -r bench/requirements-bench.txt
 Both checkers get the same per-check bound (2 s). math-verify is given the ground truth after
-reward_utils.normalize_ground_truth (which only strips GSM8K `####` tails and `\\boxed{}`), wrapped in `$...$`
-as its README shows, and the whole completion as the prediction.
+reward_utils.normalize_ground_truth (which only strips GSM8K `####` tails and `\\boxed{}`, several boxes of one
+answer becoming one list), wrapped in `$...$` as its README shows, and the whole completion as the prediction.
 """
 
 from __future__ import annotations

@@ -91,6 +91,81 @@ def test_labelled_case(completion, ground_truth, expected, category):
         assert counts["no_answer"] == 1
 
 
+def test_no_wrong_accept_over_all_labelled_cases():
+    """Every case labelled incorrect (hedges, off-by-ones, sign errors, swapped tuples...) scores incorrect."""
+    wrong = [c for c in CASES if not c[2]]
+    rewards, _ = math_reward_batch([c[0] for c in wrong], [c[1] for c in wrong])
+    accepted = [(extract_answer(c[0]), c[1], c[3]) for c, r in zip(wrong, rewards) if r > 0]
+    assert len(wrong) > 150
+    assert accepted == []
+
+
+# Each way of wrapping a box in math mode, and each way of joining two boxes into one hedged answer.
+DELIMITERS = [("", ""), ("$", "$"), ("$$", "$$"), ("\\(", "\\)"), ("\\[", "\\]"), ("\n\\[\n", "\n\\]\n")]
+JOINS = [" or ", " or maybe ", ", possibly ", ", ", " and ", " \\text{ or } "]
+CORRECT = [c for c in CASES if c[2] and extract_answer(c[0]) is not None]
+
+
+def _hedged(answer: str, k: int) -> str:
+    """The correct answer and a wrong one, boxed separately, in the k-th wrapping/join/order."""
+    left, right = DELIMITERS[k % len(DELIMITERS)]
+    wrong = f"({answer})+1"  # never equal to the answer, and never a list that could contain it
+    pair = (answer, wrong) if k % 2 == 0 else (wrong, answer)
+    join = JOINS[(k // len(DELIMITERS)) % len(JOINS)]
+    return f"So {left}\\boxed{{{pair[0]}}}{right}{join}{left}\\boxed{{{pair[1]}}}{right}."
+
+
+def test_every_correct_answer_hedged_with_a_wrong_one_is_incorrect():
+    """A hedge never scores: each correct labelled answer, boxed next to a wrong value in every wrapping and join,
+    and followed by an unboxed wrong alternative ("\\boxed{42} or maybe 43")."""
+    comps = [_hedged(extract_answer(c[0]), k) for k, c in enumerate(CORRECT)]
+    unboxed = [c for c in CORRECT if "\\boxed" not in extract_answer(c[0])]  # else the alternative holds a box
+    for k, c in enumerate(unboxed):
+        left, right = DELIMITERS[k % len(DELIMITERS)]
+        ans = extract_answer(c[0])
+        join = (" or ", " or maybe ", ", possibly ")[k % 3]
+        comps.append(f"So {left}\\boxed{{{ans}}}{right}{join}{left}({ans})+1{right}.")
+    labels = [c[1] for c in CORRECT + unboxed]
+    rewards, _ = math_reward_batch(comps, labels)
+    accepted = [(comp, gt) for comp, gt, r in zip(comps, labels, rewards) if r > 0]
+    assert len(comps) > 500
+    assert accepted == []
+
+
+def test_every_correct_answer_after_a_self_correction_is_correct():
+    """A revised answer answers with its last box, whatever wraps the boxes."""
+    comps = []
+    for k, c in enumerate(CORRECT):
+        left, right = DELIMITERS[k % len(DELIMITERS)]
+        ans = extract_answer(c[0])
+        comps.append(
+            f"So {left}\\boxed{{({ans})+1}}{right}. Wait, that is wrong; actually {left}\\boxed{{{ans}}}{right}."
+        )
+    rewards, _ = math_reward_batch(comps, [c[1] for c in CORRECT])
+    rejected = [(comp, c[1]) for comp, c, r in zip(comps, CORRECT, rewards) if r < 0]
+    assert rejected == []
+
+
+def _nonzero_number(gt: str) -> bool:
+    """Is the label a plain non-zero number (so that its negation and its successor are both wrong)?"""
+    text = reward_utils._clean(normalize_ground_truth(gt)).rstrip("%")
+    try:
+        return reward_utils._rat(reward_utils._parse(text)) != 0
+    except (reward_utils._NotMath, reward_utils._NotRational, reward_utils._TooBig, reward_utils._Undefined):
+        return False
+
+
+def test_every_correct_number_off_by_one_or_negated_is_incorrect():
+    """Each correct answer to a non-zero numeric label, plus one or with its sign flipped, scores incorrect."""
+    numeric = [c for c in CORRECT if _nonzero_number(c[1])]
+    comps = [
+        box(f"{op[0]}({extract_answer(c[0])}){op[1]}") for c in numeric for op in (("", "+1"), ("", "-1"), ("-", ""))
+    ]
+    rewards, _ = math_reward_batch(comps, [c[1] for c in numeric for _ in range(3)])
+    assert len(numeric) > 100
+    assert [comp for comp, r in zip(comps, rewards) if r > 0] == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Extraction and ground truths
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,7 +368,7 @@ def test_worker_errors_are_raised_not_scored():
 def test_shutdown_and_lazy_restart():
     reward_utils.shutdown_worker()
     assert reward_utils._WORKER is None
-    assert is_equiv("\\frac{\\pi}{2}", "\\pi/2", timeout_s=30)  # starts a new worker on demand
+    assert is_equiv("\\frac{1}{\\sqrt{2}}", "\\sqrt2/2", timeout_s=30)  # needs sympy: starts a new worker on demand
     assert reward_utils._WORKER is not None
 
 
