@@ -47,3 +47,26 @@ def test_a_response_length_that_fills_the_context_is_refused_before_loading(
 def test_a_context_too_short_for_every_prompt_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"none of the 6 held-out prompts fits the 2 prompt tokens"):
         main(tiny_args(tiny_model_dir, tmp_path, response_length=510))
+
+
+def test_gpu_check_gets_to_its_first_cuda_step_on_a_cpu(tiny_model_dir):
+    """bench/gpu_check.py builds its flags as a run does (task defaults included) and runs every check that needs no
+    GPU; on this CPU it must stop at the first CUDA-only one with its own exit code, not crash before it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--model_name_or_path", str(tiny_model_dir), "--response_length", "64"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+    assert "ok: " in result.stdout and "a prompt budget of 448 tokens beside 64" in result.stdout
+    assert result.stdout.strip().endswith("stop: no CUDA GPU here; the checks from now on need one")
