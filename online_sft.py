@@ -898,6 +898,29 @@ def pack_groups(
     return ids.to(device), positions.to(device), mask[:, None].to(device), torch.tensor(predictors, device=device)
 
 
+def packing_pays(
+    attention_mask: torch.Tensor, response_mask: torch.Tensor, start: int, group_size: int, config
+) -> bool:
+    """Whether running each group as one packed sequence (pack_groups) costs less than one row per sample, counted
+    in a layer's multiply-adds: its dense layers grow with the tokens run, its attention with the (query, key) pairs,
+    and a packed group's mask is dense, so its attention grows with the square of the whole group's length (prompt
+    plus every response), where a row's grows with the square of prompt plus one response. Packing saves the
+    prompt's repeats and the padding of uneven responses; its attention overtakes that at long responses. The demo
+    (a ~45-token prompt, four responses of at most 24 tokens) packs; 8 responses of 1,024 tokens run as rows."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = hidden * (getattr(config, "num_key_value_heads", None) or heads) // heads
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp  # q and o, k and v, a gated MLP
+    per_pair = 2 * hidden  # q . k, then p * v
+    prompts = attention_mask[:, :start].sum(1)
+    responses = response_mask[:, start:].sum(1)
+    groups = (prompts[::group_size] + responses.view(-1, group_size).sum(1)).max().item()  # a packed row's width
+    row = (prompts.max() + responses.max()).item()
+    packed = len(prompts) // group_size * (groups * per_token + groups**2 * per_pair)
+    rows = len(prompts) * (row * per_token + row**2 * per_pair)
+    return packed < rows
+
+
 def sequence_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -926,6 +949,8 @@ def sequence_logprobs(
     start = int(response_mask.any(0).int().argmax())  # first column holding a response token
     if model.config._attn_implementation not in ("sdpa_short", "sdpa", "eager"):
         group_size = 1  # the others (flash-attention, flex) take no dense (query, key) mask
+    elif group_size > 1 and not packing_pays(attention_mask, response_mask, start, group_size, model.config):
+        group_size = 1
     backbone, head = model.base_model, model.get_output_embeddings()
     mask = response_mask[:, start:].bool()
     rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]

@@ -70,3 +70,51 @@ def test_gpu_check_gets_to_its_first_cuda_step_on_a_cpu(tiny_model_dir):
     assert result.returncode == 3, result.stdout + result.stderr[-3000:]
     assert "ok: " in result.stdout and "a prompt budget of 448 tokens beside 64" in result.stdout
     assert result.stdout.strip().endswith("stop: no CUDA GPU here; the checks from now on need one")
+
+
+def packed_layout(prompt_length: int, response_lengths: list[int]):
+    samples = [{"prompt": [1] * prompt_length, "response": [2] * r} for r in response_lengths]
+    _, attention_mask, response_mask = online_sft.pack(samples, 0)
+    return attention_mask, response_mask, int(response_mask.any(0).int().argmax())
+
+
+def test_packing_is_chosen_by_size():
+    """Groups pack while one packed sequence costs fewer multiply-adds than a row per sample: the demo's short groups
+    do, 8 full 1,024-token (and 4,096-token) responses of Qwen2.5-Math-1.5B's shapes do not."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    smollm = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    qwen = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2)
+    demo = packed_layout(45, [5, 24, 12, 9] * 8)
+    assert online_sft.packing_pays(*demo, 4, smollm)
+    for length in (1024, 4096):
+        assert not online_sft.packing_pays(*packed_layout(256, [length] * 8), 8, qwen)
+    assert online_sft.packing_pays(*packed_layout(256, [64] * 8), 8, qwen)  # short responses to a long prompt
+
+
+def test_size_aware_packing_gives_the_same_logprobs_and_gradients(tiny_model_dir, monkeypatch):
+    """Whichever layout packing_pays picks, s and its gradient are the same."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    torch.manual_seed(3)
+    batch = [
+        {"prompt": prompt, "response": torch.randint(3, 200, (n,)).tolist()}
+        for prompt in ([5, 9, 4], [7, 8, 9, 10, 11])
+        for n in (2, 40, 17)
+    ]
+    packed = online_sft.pack(batch, 0)
+    calls = []
+    pack_groups = online_sft.pack_groups
+    monkeypatch.setattr(online_sft, "pack_groups", lambda *a: calls.append(1) or pack_groups(*a))
+    results = []
+    for pays in (True, False):
+        monkeypatch.setattr(online_sft, "packing_pays", lambda *a, pays=pays: pays)
+        calls.clear()
+        s = online_sft.sequence_logprobs(model, *packed, group_size=3, chunk_size=16)
+        grad = torch.autograd.grad(s.square().sum(), list(model.parameters()))
+        assert bool(calls) == pays  # packed only when it pays
+        results.append((s, torch.cat([g.flatten() for g in grad])))
+    (s_packed, g_packed), (s_rows, g_rows) = results
+    torch.testing.assert_close(s_packed, s_rows, rtol=1e-10, atol=1e-10)
+    assert ((g_packed - g_rows).norm() / g_rows.norm()).item() < 1e-6  # fp32 RMSNorm inside the fp64 model
