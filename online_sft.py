@@ -193,8 +193,9 @@ class Args:
     total_episodes: int = 640
     """episodes to train on (steps = total_episodes // episodes per step)"""
     per_device_train_batch_size: int = 32
-    """responses per forward/backward micro-batch (on a CPU one micro-batch of 32 trains faster than two of 16: bigger
-    matmuls, one pass over the weights per step instead of two)"""
+    """responses per forward/backward micro-batch. 32 is the CPU demo's (one micro-batch of 32 trains faster there than
+    two of 16); its memory grows with this x (prompt + response_length), so on a GPU at long responses size it by
+    bench/bench_memory.py (Qwen2.5-Math-1.5B at 1,024 tokens on an 80 GB GPU: 8; at 4,096: 2)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimiser step"""
     learning_rate: float = 1e-5
@@ -942,9 +943,12 @@ def sequence_logprobs(
     groups' total lengths, smaller than that of single responses. root_gathered: called by FSDP's hooks, which have
     gathered the root's parameters (shard())."""
     if hasattr(model, "fsdp_sequence_logprobs") and not root_gathered:  # sharded: see shard()
-        return model.fsdp_sequence_logprobs(
+        s = model.fsdp_sequence_logprobs(
             input_ids, attention_mask, response_mask, temperature, autocast, group_size, chunk_size
         )
+        if not torch.is_grad_enabled():  # FSDP2 keeps the root gathered until a backward: with none coming (the
+            model.reshard()  # reference, evals), drop the gathered embeddings and LM head now
+        return s
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = int(response_mask.any(0).int().argmax())  # first column holding a response token
     if model.config._attn_implementation not in ("sdpa_short", "sdpa", "eager"):

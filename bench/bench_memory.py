@@ -1,23 +1,26 @@
 """Peak memory of one training step at the lengths real math runs use, measured on this CPU, and what it means for
 an 80 GB GPU.
 
-    python bench/bench_memory.py          # from the repository root, in the project's virtualenv; ~15 min on 2 cores
+    python bench/bench_memory.py          # from the repository root, in the project's virtualenv; ~10 min on 2 cores
 
 A random model with Qwen2.5-Math-1.5B's vocabulary (151,936) and layer shapes (hidden 1536, MLP 8960, 12 query and 2
 key/value heads, tied embeddings) but only 1 or 2 decoder layers, so that the shapes are real and the step fits in
 this machine's memory. One training step (generation excluded: the responses are given, each exactly R tokens,
-never ending early) of 8 generations of R = 1,024 and 4,096 tokens to one 256-token prompt, in micro-batches of
---micro_batch: the policy's and the reference's log-probs, the loss, the backward and the AdamW step, in a single
-process and on 2 gloo ranks (FSDP2). Each configuration runs in its own process(es) and a thread samples the
+never ending early) of 8 generations of R = 1,024, 2,048 and 4,096 tokens to one 256-token prompt, in micro-batches
+of --micro_batch: the policy's and the reference's log-probs, the loss and the backward of the step's first
+micro-batch (the others reach the same peak: each frees its activations before the next runs), then the AdamW step,
+in a single process and on 2 gloo ranks (FSDP2). Each configuration runs in its own process(es) and a thread samples the
 resident memory (VmRSS) every 2 ms, per phase:
 
 - weights: after the models and the optimiser are built (the optimiser state exists after the first step, so it
   counts in the step's peak);
 - log-probs: the highest resident memory while a log-prob pass runs, above the weights, next to B x R x V x 4
   bytes, the one fp32 copy of full-vocabulary logits that a plain `model(...).logits` would build;
-- step: the highest resident memory over the whole step, above the weights.
+- step: the highest resident memory over the whole step, above the weights;
+- activations: the bytes autograd keeps for the backward (each storage once, counted by saved_tensors_hooks): exact,
+  where resident memory moves with the allocator.
 
-Then the per-layer growth (2 layers less 1) extrapolates the step's peak to 28 layers of Qwen2.5-Math-1.5B on one
+Then the per-layer growth of the activations (2 layers less 1) extrapolates the step's peak to 28 layers of Qwen2.5-Math-1.5B on one
 GPU, and to Qwen2.5-Math-7B (28 layers, hidden 3584, MLP 18944; its layers scaled from the measured ones by their
 hidden and MLP widths, its weights and optimiser state counted exactly) sharded over 8 GPUs, against 80 GB. These
 are CPU measurements of the same tensors a GPU holds: the GPU figure adds CUDA's own context and allocator slack
@@ -44,12 +47,13 @@ HIDDEN_7B, MLP_7B, VOCAB_7B, LAYERS_7B = 3584, 18944, 152_064, 28
 PARAMS_1P5B, PARAMS_7B = 1.54e9, 7.62e9
 PROMPT, GENERATIONS = 256, 8
 GB = 1e9
+CUDA_OVERHEAD = 3 * GB  # the CUDA context and the caching allocator's slack, which a CPU measurement does not see
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--micro_batch", type=int, default=2, help="responses per forward/backward micro-batch")
-    p.add_argument("--lengths", default="1024,4096", help="response lengths R")
+    p.add_argument("--lengths", default="1024,2048,4096", help="response lengths R")
     p.add_argument("--worker", nargs=3, metavar=("LAYERS", "R", "OUT"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -145,18 +149,29 @@ def worker(layers: int, response_length: int, out: Path, micro_batch: int):
     weights = rss_bytes()
     peaks.phase = "step"
     t = time.time()
-    o.train_on_batch(
-        policy,
-        ref,
-        batch,
-        batch[:micro_batch],
-        args=args,
-        pad_id=0,
-        n_global=GENERATIONS * world,
-        n_micro=GENERATIONS // micro_batch,
-        world=world,
-        autocast=autocast,
-    )
+    # The step's first micro-batch, then the update: its other micro-batches free their activations before the next
+    # one runs, so they reach the same peak (the gradients and the optimiser state are there for all of them).
+    saved = {}  # what autograd keeps for the backward, counted exactly (each storage once): the activations
+
+    def keep(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        o.train_on_batch(
+            policy,
+            ref,
+            batch[:micro_batch],
+            batch[:micro_batch],
+            args=args,
+            pad_id=0,
+            n_global=GENERATIONS * world,
+            n_micro=1,
+            world=world,
+            autocast=autocast,
+        )
+    peaks.phase = "optimizer"
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -165,7 +180,8 @@ def worker(layers: int, response_length: int, out: Path, micro_batch: int):
     result = {
         "weights": weights,
         "logprobs": peaks.peaks.get("logprobs", 0) - weights,
-        "step": max(peaks.peaks.get("step", 0), peaks.peaks.get("logprobs", 0)) - weights,
+        "step": max(peaks.peaks.values()) - weights,
+        "activations": sum(saved.values()),
         "seconds": time.time() - t,
     }
     (out.parent / f"{out.name}.rank{rank}").write_text(json.dumps(result))
@@ -208,7 +224,7 @@ def main():
         results = {}
         print(
             f"{'layers':>6} {'R':>5} {'ranks':>5} {'weights GB':>10} {'log-probs GB':>12} {'B*R*V*4 GB':>10} "
-            f"{'step GB':>8} {'s':>6}"
+            f"{'step GB':>8} {'activ. GB':>9} {'s':>6}"
         )
         for length in lengths:
             for world, layer_counts in ((1, (1, 2)), (2, (1,))):
@@ -217,30 +233,43 @@ def main():
                     full_logits = b.micro_batch * length * VOCAB * 4
                     print(
                         f"{layers:>6} {length:>5} {world:>5} {r['weights'] / GB:>10.2f} {r['logprobs'] / GB:>12.2f} "
-                        f"{full_logits / GB:>10.2f} {r['step'] / GB:>8.2f} {r['seconds']:>6.0f}",
+                        f"{full_logits / GB:>10.2f} {r['step'] / GB:>8.2f} {r['activations'] / GB:>9.2f} "
+                        f"{r['seconds']:>6.0f}",
                         flush=True,
                     )
     print(
         "\nweights: resident after loading (policy fp32, reference in the compute dtype, data); log-probs and step: "
         "highest resident memory above that,\nduring a log-prob pass and over the whole step (optimiser state included)"
     )
-    print(f"\nExtrapolated to the real models at micro-batch {b.micro_batch}, against an 80 GB GPU:")
+    summary(results, lengths, b.micro_batch)
+
+
+def summary(results: dict, lengths: list[int], micro_batch: int):
+    """The measured per-layer growth, extrapolated to the real models' layer counts and widths."""
+    print(f"\nExtrapolated to the real models, against an 80 GB GPU ({CUDA_OVERHEAD / GB:.0f} GB kept for CUDA):")
+    layer_params = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * (HIDDEN * KV_HEADS // HEADS) + 3 * HIDDEN * MLP
+    state = 18 * layer_params  # bytes a layer holds whatever the batch: fp32 weight, grad, 2 AdamW moments, bf16 ref
+    width = (HIDDEN_7B + MLP_7B) / (HIDDEN + MLP)  # a 7B layer's activations per token, relative to a 1.5B one's
     for length in lengths:
         one, two = results[1, length, 1], results[2, length, 1]
-        total_1, total_2 = one["weights"] + one["step"], two["weights"] + two["step"]
-        per_layer = total_2 - total_1  # a layer's weights, gradient, AdamW state, reference copy and activations
-        layer_params = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * (HIDDEN * KV_HEADS // HEADS) + 3 * HIDDEN * MLP
-        activations = per_layer - 18 * layer_params  # 18 bytes a parameter: fp32 weight, grad, 2 AdamW, bf16 ref
-        est_1p5b = total_1 + (LAYERS_1P5B - 1) * per_layer
-        # 7B over 8 GPUs: weights and optimiser state sharded 8 ways, each GPU's activations scaled from the measured
-        # layer by the layers' widths, plus the measured log-prob pass (one chunk of logits) scaled by the vocabulary
-        width = (HIDDEN_7B + MLP_7B) / (HIDDEN + MLP)
-        est_7b = PARAMS_7B * 18 / 8 + LAYERS_7B * activations * width + one["logprobs"] * HIDDEN_7B / HIDDEN
-        print(
-            f"  R={length}: per layer {per_layer / GB:.2f} GB, of which activations {activations / GB:.2f} GB; "
-            f"Qwen2.5-Math-1.5B on 1 GPU: {est_1p5b / GB:.1f} GB ({'fits' if est_1p5b < 80 * GB else 'DOES NOT FIT'}); "
-            f"Qwen2.5-Math-7B on 8 GPUs: {est_7b / GB:.1f} GB a GPU ({'fits' if est_7b < 80 * GB else 'DOES NOT FIT'})"
-        )
+        per_response = (two["activations"] - one["activations"]) / micro_batch  # a layer's, for one response
+        # the rest of the measured 1-layer step: embeddings and LM head with their state, the log-prob chunk, the
+        # process itself
+        fixed = one["weights"] + one["step"] - state - micro_batch * per_response
+        estimates = {
+            "Qwen2.5-Math-1.5B, 1 GPU": lambda m, f=fixed, a=per_response: f + LAYERS_1P5B * (state + m * a),
+            # 8 GPUs: weights and optimiser state sharded 8 ways, activations and the log-prob pass not
+            "Qwen2.5-Math-7B, 8 GPUs (FSDP)": lambda m, a=per_response, lp=one["logprobs"]: (
+                PARAMS_7B * 18 / 8 + LAYERS_7B * m * a * width + lp * HIDDEN_7B / HIDDEN
+            ),
+        }
+        fits = []
+        for name, estimate in estimates.items():
+            largest = max((m for m in range(1, 65) if estimate(m) + CUDA_OVERHEAD <= 80 * GB), default=0)
+            fits.append(
+                f"{name}: {estimate(micro_batch) / GB:.1f} GB at B={micro_batch}, largest B that fits {largest}"
+            )
+        print(f"  R={length}: a layer's activations {per_response / 1e6:.0f} MB a response; " + "; ".join(fits))
 
 
 if __name__ == "__main__":
