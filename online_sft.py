@@ -165,6 +165,10 @@ class Args:
     """reward of a correct answer"""
     incorrect_reward: float = -1.0
     """reward of a wrong or missing answer"""
+    answer_extraction: str = "strict"
+    """math: strict (DAPO's scoring: the answer on the last `Answer:` line or in the last `\\boxed{}`; a response with neither is wrong) or free (the same, else the last number in the text, as math-verify falls back to free text: for models that solve but do not write the format)"""
+    format_reward: float = 0.0
+    """math: added to the reward of every response whose answer is in the strict format (an `Answer:` line or `\\boxed{}`), right or wrong: R1-style format reward that teaches the format free extraction lets pass"""
     reward_model_path: str | None = None
     """tldr: HF id or folder of a one-label AutoModelForSequenceClassification scoring prompt + response at its last token; None: cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"""
     reward_sigmoid: bool = False
@@ -218,6 +222,10 @@ class Args:
     """held-out eval (greedy; tldr: sampled) every this many steps (also before the first and after the last)"""
     eval_batch_size: int = 64
     """prompts per eval generate call"""
+    eval_samples: int = 0
+    """arith, math: also sample this many responses per held-out prompt (at --temperature, the same seed at every eval) and report eval/pass@k (Chen et al. 2021's unbiased estimator, k = 1, 2, 4, ... up to this) and eval/maj@k (majority vote over the extracted answers); 0: greedy pass@1 only"""
+    eval_only: bool = False
+    """evaluate --model_name_or_path on the held-out data (as a training run with the same data flags and seed holds it out) and write run_dir/eval.json, without training"""
 
     # Checkpoints and failures
     save_every: int = 0
@@ -232,6 +240,12 @@ class Args:
     """stop the run when more than this share of a step's reward calls raised (those samples score incorrect_reward and are counted)"""
     max_nonfinite_steps: int = 3
     """stop after this many updates in a row whose loss or gradient was not finite (each is skipped and counted)"""
+    signal_warn_share: float = 0.5
+    """warn once when more than this share of a step's responses were cut at response_length (train/truncated), or gave no answer the scorer can read (train/no_answer), for signal_warn_steps steps in a row"""
+    signal_warn_steps: int = 3
+    """see signal_warn_share"""
+    max_no_contrast_steps: int = 5
+    """stop after this many steps in a row in which every response got the same lowest reward and none was correct (nothing to learn from); 0: never stop"""
 
 
 # Flags that may differ between a run and its resumption; any other difference changes the run and is refused.
@@ -249,6 +263,10 @@ RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "max_reward_error_fraction",
     "max_nonfinite_steps",
+    "eval_samples",
+    "signal_warn_share",
+    "signal_warn_steps",
+    "max_no_contrast_steps",
 }
 
 
@@ -314,6 +332,16 @@ def validate_args(args: Args, world: int = 1) -> dict:
         )
     if args.reward_model_path and args.task != "tldr":
         raise ConfigError(f"--reward_model_path is read only by --task tldr (the {args.task} task checks answers)")
+    if args.answer_extraction not in ("strict", "free"):
+        raise ConfigError(f"unknown --answer_extraction {args.answer_extraction!r}: choose strict or free")
+    if args.task != "math" and (args.answer_extraction != "strict" or args.format_reward):
+        raise ConfigError("--answer_extraction and --format_reward are read only by --task math")
+    if args.eval_samples < 0 or (args.eval_samples and args.task == "tldr"):
+        raise ConfigError("--eval_samples must be >= 0, and is for tasks with answers (arith, math), not tldr")
+    if not 0 <= args.signal_warn_share <= 1 or args.signal_warn_steps <= 0 or args.max_no_contrast_steps < 0:
+        raise ConfigError(
+            "--signal_warn_share must be in [0, 1], --signal_warn_steps > 0 and --max_no_contrast_steps >= 0"
+        )
     if not args.arith_ops or set(args.arith_ops) - set("+-*"):
         raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
     if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
@@ -597,16 +625,41 @@ def last_integer(text: str) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
-def score(task: str, responses: list[str], answers: list[str]) -> tuple[list[bool], dict]:
-    """Correctness of each response and counts of what went wrong (no answer, checker time-outs, bad ground truth)."""
+def last_number(text: str) -> str | None:
+    """The last number written in text (integer or decimal, thousands separators dropped), or None."""
+    found = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
+    return found[-1].replace(",", "") if found else None
+
+
+def final_answer(task: str, text: str, extraction: str = "strict") -> str | None:
+    """The answer a response gives, as score() reads it: arith: the last integer; math: reward_utils.extract_answer
+    (the last `Answer:` line or `\\boxed{}`), and with extraction "free", when there is neither, the last number."""
+    if task == "arith":
+        return last_integer(text)
+    from reward_utils import extract_answer
+
+    found = extract_answer(text)
+    return last_number(text) if found is None and extraction == "free" else found
+
+
+def score(task: str, responses: list[str], answers: list[str], extraction: str = "strict") -> tuple[list[bool], dict]:
+    """Correctness of each response and counts of what went wrong (no answer, checker time-outs, bad ground truth).
+    math also counts the responses in the strict format (strict_format) and, with extraction "free", those whose
+    answer was taken from free text (free_text_answers)."""
     if task == "arith":
         preds = [last_integer(r) for r in responses]
         return [p is not None and p == a for p, a in zip(preds, answers)], {"no_answer": preds.count(None)}
-    from reward_utils import math_reward_batch
+    from reward_utils import extract_answer, math_reward_batch
 
+    formatted = [extract_answer(r) is not None for r in responses]
+    extra = {"strict_format": sum(formatted)}
+    if extraction == "free":  # a free-text answer goes to the checker as the `Answer:` line it stands for
+        free = [None if ok else last_number(r) for r, ok in zip(responses, formatted)]
+        responses = [r if f is None else f"Answer: {f}" for r, f in zip(responses, free)]
+        extra["free_text_answers"] = sum(f is not None for f in free)
     # Scored as 1/0 so correctness is read back exactly, whatever correct_reward/incorrect_reward are.
     values, counts = math_reward_batch(responses, answers, correct_reward=1.0, incorrect_reward=0.0)
-    return [v == 1.0 for v in values], counts
+    return [v == 1.0 for v in values], {**counts, **extra}
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
@@ -614,14 +667,16 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
     return -factor * ((lengths - (max_len - buffer)).clamp(min=0) / buffer)
 
 
-def score_guarded(task: str, responses: list[str], answers: list[str], counts: dict, seen: set) -> list[bool]:
+def score_guarded(
+    task: str, responses: list[str], answers: list[str], counts: dict, seen: set, extraction: str = "strict"
+) -> list[bool]:
     """score(), one sample at a time, so that a reward that raises costs only its own sample: it scores as incorrect
     and is counted under errors/reward_{type}; each error type is printed once. Catching everything is deliberate:
     a user's reward function may raise anything, and one bad sample must neither end the run nor pass unseen."""
     correct = []
     for response, answer in zip(responses, answers):
         try:
-            ok, c = score(task, [response], [answer])
+            ok, c = score(task, [response], [answer], extraction)
         except Exception as e:  # noqa: BLE001 (see docstring)
             key = f"errors/reward_{type(e).__name__}"
             counts[key] = counts.get(key, 0) + 1
@@ -1664,12 +1719,216 @@ def stats(name: str, x: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Can this run learn? (issue: runs that report numbers but teach nothing, as TRL issues 5697 and 6263 describe)
+
+
+class StepSignal:
+    """What one step generated (every generation round, before filtering), for telling whether it can teach
+    anything: responses, those cut at response_length, correct ones, groups and groups whose rewards are all equal,
+    and the lowest and highest reward."""
+
+    def __init__(self):
+        self.responses = self.truncated = self.correct = self.groups = self.equal_groups = 0
+        self.reward_min, self.reward_max = math.inf, -math.inf
+
+    def add(self, rewards: torch.Tensor, correct: torch.Tensor, truncated: torch.Tensor, group_size: int):
+        """One generation round: rewards, correct (NaN: no right answer, tldr) and truncated, (B,), in groups."""
+        self.responses += len(rewards)
+        self.truncated += int(truncated.sum())
+        self.correct += int(correct.nan_to_num(0.0).sum())
+        groups = rewards.view(-1, group_size)
+        self.groups += len(groups)
+        self.equal_groups += int((groups == groups[:, :1]).all(1).sum())
+        self.reward_min = min(self.reward_min, rewards.min().item())
+        self.reward_max = max(self.reward_max, rewards.max().item())
+
+    @staticmethod
+    def merge(parts: list[StepSignal]) -> StepSignal:
+        """The step over all ranks."""
+        total = StepSignal()
+        for p in parts:
+            for k in ("responses", "truncated", "correct", "groups", "equal_groups"):
+                setattr(total, k, getattr(total, k) + getattr(p, k))
+            total.reward_min, total.reward_max = (
+                min(total.reward_min, p.reward_min),
+                max(total.reward_max, p.reward_max),
+            )
+        return total
+
+
+class SignalGuard:
+    """Says, in plain words and with the flag to change, when a run cannot learn:
+    - warns once when the share of responses cut at --response_length, or of responses with no answer the scorer
+      can read, stays above --signal_warn_share for --signal_warn_steps steps in a row;
+    - stops the run after --max_no_contrast_steps steps in a row without contrast: every response got the same
+      (lowest) reward and none was correct. With a baseline or --filter_groups such a step has no signal at all;
+      without one it only pushes down whatever was sampled;
+    - says once when every response of a step was correct: the task is learned, and the run goes on."""
+
+    def __init__(self, args: Args):
+        self.args = args
+        self.above = {"truncated": 0, "no_answer": 0}  # steps in a row above signal_warn_share
+        self.warned: list[str] = []
+        self.flat = 0  # steps in a row without contrast
+        self.said_learned = False
+
+    def shares(self, sig: StepSignal, no_answer: int | None) -> dict:
+        """The step's train/truncated, train/equal_groups and (tasks with answers) train/no_answer shares."""
+        out = {"train/truncated": sig.truncated / sig.responses, "train/equal_groups": sig.equal_groups / sig.groups}
+        if no_answer is not None:
+            out["train/no_answer"] = no_answer / sig.responses
+        return out
+
+    def unreadable(self) -> str:
+        if self.args.task == "arith":
+            return "no integer"
+        if self.args.answer_extraction == "free":
+            return "no number"
+        return "no `Answer:` line or \\boxed{} (what DAPO's scorer reads)"
+
+    def observe(self, step: int, sig: StepSignal, shares: dict) -> tuple[list[str], str | None]:
+        """-> (messages to print now, the reason to stop the run or None)."""
+        args, messages = self.args, []
+        for key in self.above:
+            share = shares.get(f"train/{key}", 0.0)
+            self.above[key] = self.above[key] + 1 if share > args.signal_warn_share else 0
+            if self.above[key] >= args.signal_warn_steps and key not in self.warned:
+                self.warned.append(key)
+                said = f"{args.signal_warn_steps} steps in a row more than {args.signal_warn_share:.0%} of responses"
+                if key == "truncated":
+                    messages.append(
+                        f"warning: for {said} were cut at --response_length {args.response_length} before they ended "
+                        f"({share:.0%} at step {step}): an unfinished answer scores as wrong; raise --response_length"
+                    )
+                else:
+                    hint = (
+                        "raise --response_length if they are cut off"
+                        if args.task == "arith" or args.answer_extraction == "free"
+                        else "the model does not write the format: try --answer_extraction free (the last number in "
+                        "the text) and/or --format_reward 0.5 (reward for the `Answer:` line), or a model that follows "
+                        "the prompt; raise --response_length if they are cut off"
+                    )
+                    messages.append(
+                        f"warning: for {said} gave {self.unreadable()} ({share:.0%} at step {step}), and they all "
+                        f"score as wrong: {hint}"
+                    )
+        no_contrast = sig.reward_max == sig.reward_min and sig.correct == 0
+        self.flat = self.flat + 1 if no_contrast else 0
+        if args.task != "tldr" and sig.correct == sig.responses and not self.said_learned:
+            self.said_learned = True
+            messages.append(
+                f"step {step}: every one of the {sig.responses} sampled responses was correct: the run has learned "
+                "its task on these prompts (it goes on; such steps teach little more, and nothing with --baseline "
+                "rloo or --filter_groups)"
+            )
+        if not args.max_no_contrast_steps or self.flat < args.max_no_contrast_steps:
+            return messages, None
+        signal = (
+            "with --baseline rloo or --filter_groups such steps have no signal at all"
+            if args.baseline != "none" or args.filter_groups
+            else "such steps only push down whatever was sampled"
+        )
+        why = f"{shares['train/truncated']:.0%} cut at --response_length {args.response_length}"
+        if "train/no_answer" in shares:
+            why += f", {shares['train/no_answer']:.0%} with {self.unreadable()}"
+        return messages, (
+            f"{self.flat} steps in a row without contrast (--max_no_contrast_steps {args.max_no_contrast_steps}): "
+            f"at step {step} all {sig.responses} responses got reward {sig.reward_min:g} and none was correct ({why}); "
+            f"{signal}. Make a success reachable: raise --response_length, try --answer_extraction free or "
+            "--format_reward, or use easier data or a stronger model"
+        )
+
+    def state_dict(self) -> dict:
+        return {"above": dict(self.above), "warned": list(self.warned), "flat": self.flat, "said": self.said_learned}
+
+    def load_state_dict(self, state: dict):
+        self.above, self.warned, self.flat, self.said_learned = (
+            dict(state["above"]),
+            list(state["warned"]),
+            state["flat"],
+            state["said"],
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Training
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, "Evaluating Large Language
+    Models Trained on Code", eq. 1): 1 - C(n - c, k) / C(n, k), as a stable product."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def same_answer(task: str, a: str, b: str) -> bool:
+    """Whether two extracted answers are the same: arith compares integers as text, math with is_equiv."""
+    if task == "arith":
+        return a == b
+    from reward_utils import is_equiv
+
+    return is_equiv(a, b)
+
+
+def majority_answer(task: str, answers: list[str | None]) -> str | None:
+    """The most frequent answer, answers counted equal by same_answer; ties go to the one seen first. None: none."""
+    clusters: list[list] = []  # [representative, votes]
+    for a in answers:
+        if a is None:
+            continue
+        for cluster in clusters:
+            if same_answer(task, a, cluster[0]):
+                cluster[1] += 1
+                break
+        else:
+            clusters.append([a, 1])
+    return max(clusters, key=lambda c: c[1])[0] if clusters else None
+
+
+def sample_eval(args: Args, sample, tokenizer, rows: list[dict], real: int, counts: dict) -> list[dict]:
+    """args.eval_samples responses to each row at the training temperature, scored as in training; rows past the
+    first `real` are padding (generated, as every rank must, but not scored). -> per real row: the number correct,
+    the majority answer and whether it is right, and the responses."""
+    k = args.eval_samples
+    response_ids, _ = sample([render_prompt(tokenizer, r["content"]) for r in rows], num_samples=k)
+    texts = tokenizer.batch_decode(response_ids[: real * k], skip_special_tokens=True)
+    answers = [r["answer"] for r in rows[:real] for _ in range(k)]
+    correct = score_guarded(args.task, texts, answers, counts, set(), args.answer_extraction)
+    out = []
+    for j, row in enumerate(rows[:real]):
+        mine = range(j * k, (j + 1) * k)
+        found = [final_answer(args.task, texts[i], args.answer_extraction) for i in mine]
+        majority = majority_answer(args.task, found)
+        out.append(
+            {
+                "sampled_correct": sum(correct[i] for i in mine),
+                "majority": majority,
+                # the majority answer scored by the same checker as the responses
+                "majority_correct": majority is not None
+                and score_guarded(args.task, [f"Answer: {majority}"], [row["answer"]], {}, set())[0],
+                "samples": [{"response": texts[i], "extracted": a, "correct": correct[i]} for i, a in zip(mine, found)],
+            }
+        )
+    return out
+
+
+def sampled_metrics(samples: list[dict], k: int) -> dict:
+    """eval/pass@j for j = 1, 2, 4, ... up to k (and k), eval/maj@k, from sample_eval's per-row records."""
+    ks = sorted({2**i for i in range(k.bit_length()) if 2**i <= k} | {k})
+    metrics = {f"eval/pass@{j}": float(np.mean([pass_at_k(k, x["sampled_correct"], j) for x in samples])) for j in ks}
+    metrics[f"eval/maj@{k}"] = float(np.mean([x["majority_correct"] for x in samples]))
+    return metrics
+
+
 @torch.no_grad()
-def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, world: int) -> tuple[dict, list]:
-    """Greedy held-out accuracy, the rows split over the ranks. -> (metrics, samples), complete on rank 0."""
+def evaluate(
+    args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, world: int, eos_ids: list[int] | None = None
+) -> tuple[dict, list]:
+    """Held-out pass@1 of greedy responses (eval/accuracy), and with --eval_samples k pass@k and maj@k of sampled
+    ones, the rows split over the ranks. -> (metrics, samples), complete on rank 0. The sampled responses use the
+    same seed at every eval, so evals are compared on the same random numbers, and leave the training's random
+    stream untouched."""
     share = eval_rows[rank::world]
     # Every rank runs the same number of generate calls (each one is a collective under FSDP): pad the short shares.
     padded = share + eval_rows[: math.ceil(len(eval_rows) / world) - len(share)]
@@ -1679,7 +1938,10 @@ def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, wo
         response_ids, response_mask = sample([render_prompt(tokenizer, r["content"]) for r in rows], greedy=True)
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         real = max(0, min(len(rows), len(share) - i))  # rows past the share are padding: not scored, not counted
-        correct = score_guarded(args.task, texts[:real], [r["answer"] for r in rows[:real]], counts, set())
+        correct = score_guarded(
+            args.task, texts[:real], [r["answer"] for r in rows[:real]], counts, set(), args.answer_extraction
+        )
+        ended = ends_with_eos(response_ids, response_mask, eos_ids) if eos_ids else response_mask.sum(1) < 0
         samples += [
             {
                 "prompt": r["content"],
@@ -1688,17 +1950,40 @@ def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, wo
                 "correct": ok,
                 "reward": args.correct_reward if ok else args.incorrect_reward,
                 "length": int(n),
+                "truncated": bool(eos_ids) and not end,
+                **(
+                    {"strict_correct": ok and final_answer(args.task, t) is not None}
+                    if args.answer_extraction == "free"
+                    else {}
+                ),
             }
-            for r, t, ok, n in zip(rows, texts, correct, response_mask.sum(1))
+            for r, t, ok, n, end in zip(rows, texts, correct, response_mask.sum(1), ended.tolist())
         ]
+    if args.eval_samples:
+        per_call = max(1, args.eval_batch_size // args.eval_samples)  # eval_batch_size responses per generate call
+        sampled_counts: dict = {}
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(args.seed + rank)
+            for i in range(0, len(padded), per_call):
+                real = max(0, min(per_call, len(share) - i))  # padding rows generate (collectives) but do not count
+                records = sample_eval(args, sample, tokenizer, padded[i : i + per_call], real, sampled_counts)
+                for x, record in zip(samples[i : i + real], records):
+                    x.update(record)
+        counts |= {f"sampled/{k}": v for k, v in sampled_counts.items()}
     gathered = gather((samples[: len(share)], counts))
     samples = [x for part, _ in gathered for x in part]
     counts = {k: sum(c.get(k, 0) for _, c in gathered) for _, c in gathered for k in c}
     metrics = {
         "eval/accuracy": float(np.mean([x["correct"] for x in samples])),
         "eval/response_length": float(np.mean([x.pop("length") for x in samples])),
+        "eval/truncated": float(np.mean([x["truncated"] for x in samples])),
+        "eval/no_answer": counts.get("reward/no_answer", 0) / len(samples),
         **{f"eval/{k}": v for k, v in counts.items()},
     }
+    if args.answer_extraction == "free":  # what DAPO's strict scoring would give: right and in the format
+        metrics["eval/accuracy_strict"] = float(np.mean([x.pop("strict_correct") for x in samples]))
+    if args.eval_samples:
+        metrics |= sampled_metrics(samples, args.eval_samples)
     return metrics, samples
 
 
@@ -1771,6 +2056,26 @@ def eval_headline(metrics: dict) -> str:
     return f"greedy accuracy {metrics['eval/accuracy']:.3f}"
 
 
+def eval_only(
+    args: Args, sample, tokenizer, eval_rows: list[dict], eos_ids, run_dir: Path, rank, world, origin, data_stats
+) -> Path:
+    """--eval_only: the held-out figures of the loaded model, printed and written to run_dir/eval.json (samples in
+    run_dir/eval_samples/eval.jsonl). -> run_dir."""
+    t = time.time()
+    metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world, eos_ids)
+    if rank == 0:
+        (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "eval_samples" / "eval.jsonl", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in samples)
+        report = {"model": origin, "eval_rows": len(eval_rows), **data_stats, **metrics}
+        (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        figures = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k.count("/") == 1)
+        print(
+            f"held-out ({len(eval_rows)} prompts, {time.time() - t:.0f}s): {figures}; written to {run_dir / 'eval.json'}"
+        )
+    return run_dir
+
+
 def main(args: Args) -> Path:
     """Train (or continue a run with --resume); return the run folder. Under torchrun every rank runs this."""
     args = with_task_defaults(args)
@@ -1816,8 +2121,10 @@ def main(args: Args) -> Path:
         print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
     policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
-    ref = copy.deepcopy(policy).requires_grad_(False)
-    if dtype != torch.float32 and world == 1:  # autocast would cast the frozen reference's matmul weights at every
+    ref = None if args.eval_only else copy.deepcopy(policy).requires_grad_(False)  # evaluating needs no reference
+    if (
+        ref is not None and dtype != torch.float32 and world == 1
+    ):  # autocast would cast the frozen reference's matmul weights at every
         # forward: cast them once (same results, half their memory). A tied LM head gets its own copy, the embedding
         # and norms stay fp32. (Under FSDP its MixedPrecisionPolicy casts, and wants one dtype per unit.)
         for module in ref.modules():
@@ -1830,7 +2137,7 @@ def main(args: Args) -> Path:
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if world > 1:
-        policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
+        policy, ref = shard(policy, device, dtype), ref and shard(ref, device, dtype)
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
     max_prompt_tokens = getattr(policy.config, "max_position_embeddings", 10**9) - args.response_length
@@ -1871,6 +2178,8 @@ def main(args: Args) -> Path:
         else Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
     )
     run_dir = Path(gather(str(run_dir))[0])  # rank 0's clock names the run
+    if args.eval_only:
+        return eval_only(args, sample, tokenizer, eval_rows, eos_ids, run_dir, rank, world, origin, data_stats)
     start_step = state["step"] if state else 0
     num_steps, episodes_per_step = derived["num_steps"], derived["episodes_per_step"]
     log = NullLog()
@@ -1907,7 +2216,7 @@ def main(args: Args) -> Path:
                 args, sample, policy, ref, tokenizer, reward_model, eval_rows, eos_ids, rank, world, autocast
             )
         else:
-            metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world)
+            metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world, eos_ids)
         if rank == 0:
             with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in samples)
@@ -1928,6 +2237,9 @@ def main(args: Args) -> Path:
         first_eval = run_eval(0, 0)
         log.log(data_stats, 0)
     reward_errors_seen: set[str] = set()
+    guard = SignalGuard(args)
+    if state and "signal_guard" in state:
+        guard.load_state_dict(state["signal_guard"])
     last_probe = None  # a sample the vLLM engine must score as the trainer does after each weight push
 
     def checkpoint_now(step: int) -> Path:
@@ -1937,6 +2249,7 @@ def main(args: Args) -> Path:
             "step": step,
             "episodes": episodes,
             "nonfinite_in_a_row": nonfinite_in_a_row,
+            "signal_guard": guard.state_dict(),
             "first_eval": first_eval,
             "args": dataclasses.asdict(args),
             "optimizer": optimizer_sd,
@@ -1957,6 +2270,7 @@ def main(args: Args) -> Path:
         t_step = time.time()
         timings = {"generate": 0.0, "score": 0.0, "train": 0.0}
         counts: dict[str, int] = {}
+        signal_stats = StepSignal()  # what was generated, for SignalGuard
         batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
         filler = None  # any group: what a rank with nothing kept trains on with zero weight (see train_on_batch)
         if llm and ((step - 1) % args.vllm_sync_every == 0 or args.vllm_sleep):
@@ -1995,7 +2309,7 @@ def main(args: Args) -> Path:
                 texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
                 answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
                 errors_before = counts.get("errors/reward_total", 0)
-                correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen)
+                correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen, args.answer_extraction)
                 failed = counts.get("errors/reward_total", 0) - errors_before
                 if failed > args.max_reward_error_fraction * len(texts):
                     raise RunAborted(
@@ -2004,12 +2318,18 @@ def main(args: Args) -> Path:
                     )
                 correct = torch.tensor(correct, dtype=torch.float32)
                 rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
+                if args.format_reward:
+                    formatted = [final_answer(args.task, text) is not None for text in texts]
+                    rewards = rewards + args.format_reward * torch.tensor(formatted, dtype=torch.float32)
             lengths = response_mask.sum(1)
             if args.apply_overlong_penalty:
                 rewards = rewards + overlong_penalty(
                     lengths.float(), args.response_length, args.overlong_buffer_len, args.overlong_penalty_factor
                 )
             timings["score"] += time.time() - t
+            signal_stats.add(
+                rewards, correct, ~ends_with_eos(response_ids, response_mask, eos_ids), args.num_generations
+            )
             baselines = (
                 rloo_baseline(rewards, args.num_generations) if args.baseline == "rloo" else torch.zeros_like(rewards)
             )
@@ -2117,14 +2437,23 @@ def main(args: Args) -> Path:
             }
         all_counts = gather(counts)
         counts = {k: sum(c.get(k, 0) for c in all_counts) for c in all_counts for k in c}
+        signal = StepSignal.merge(gather(signal_stats))
+        shares = guard.shares(signal, None if args.task == "tldr" else counts.get("reward/no_answer", 0))
+        messages, stop_reason = guard.observe(step, signal, shares)
+        for message in messages if rank == 0 else []:
+            tqdm.write(message)
         step_seconds = time.time() - t_step
         metrics |= {
             "episodes": episodes,
+            **shares,
             **counts,
             **{f"time/{k}": v for k, v in timings.items()},
             "time/step": step_seconds,
         }
         log.log(metrics, step)
+        if stop_reason:
+            log.close()
+            raise RunAborted(stop_reason)
         headline = "reward_mean" if args.task == "tldr" else "accuracy"
         progress.set_postfix(
             {headline: f"{metrics.get('train/' + headline, float('nan')):.2f}"}, s_per_step=f"{step_seconds:.1f}"
