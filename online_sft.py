@@ -10,7 +10,8 @@ enumerating every response of a tiny policy).
 
 Commands:
     python online_sft.py                                    # CPU demo: SmolLM2-135M-Instruct learns arithmetic, offline
-    python online_sft.py --task math --response_length 1024 # DAPO-Math-17k on one GPU (needs the dataset hub or a file)
+    python online_sft.py --task math                        # DAPO-Math-17k, Qwen2.5-Math-1.5B, one GPU (needs the hub)
+    python online_sft.py --task math --eval_only --model_name_or_path RUN/model --eval_samples 8  # pass@k, maj@k
     torchrun --nproc_per_node 4 online_sft.py --task math --use_vllm ...   # 4 GPUs: FSDP2 + one vLLM engine per rank
     python online_sft.py --task tldr                        # TL;DR summaries scored by cleanrl's pythia reward model (GPU)
     python online_sft.py --help                             # every flag

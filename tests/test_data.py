@@ -194,3 +194,65 @@ def test_an_unreachable_hub_switches_to_the_cache(monkeypatch):
     import huggingface_hub
 
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
+
+
+def loop_rows(table):
+    """The row loop math_rows used before dapo_rows (one dict per row), as the reference."""
+    rows, seen, bad = [], set(), 0
+    for ex in table:
+        messages = ex["prompt"]
+        content = messages[-1]["content"] if isinstance(messages, list) and messages else None
+        answer = (ex["reward_model"] or {}).get("ground_truth")
+        answer = None if answer is None else str(answer).strip()
+        if not content or not answer:
+            bad += 1
+        elif (content, answer) not in seen:
+            seen.add((content, answer))
+            rows.append({"content": content, "answer": answer})
+    return rows, bad
+
+
+def test_dapo_rows_column_wise_equal_the_row_loop(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from math_word_problems import dapo_rows as generated
+
+    rows = generated(60, 5, seed=3)  # shuffled duplicates, as in the real set
+    rows[7] = {**rows[7], "prompt": []}  # bad rows: no message, an empty answer, no reward_model, a null message text
+    rows[11] = {**rows[11], "reward_model": {"ground_truth": "  ", "style": "x"}}
+    rows[12] = {**rows[12], "reward_model": None}
+    rows[13] = {**rows[13], "prompt": [{"role": "system", "content": "x"}, {"role": "user", "content": None}]}
+    rows[20] = {**rows[20], "reward_model": {"ground_truth": " 42 ", "style": "x"}}  # stripped, like the loop did
+    rows[21] = {**rows[21], "prompt": [{"role": "system", "content": "be brief"}, *rows[21]["prompt"]]}  # the last
+    path = tmp_path / "dapo.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    table = load_table(str(path), "train")
+    fast, bad = math_rows(table, str(path))
+    assert (fast, bad) == loop_rows(table) and bad == 4
+    assert len(fast) == 60 + 1  # 60 problems, and row 20's problem also with the answer 42
+    # a Dataset whose rows are not its table's (shuffled) takes the row loop, with the same result
+    shuffled = table.shuffle(seed=0)
+    assert math_rows(shuffled, str(path)) == loop_rows(shuffled)
+
+
+def test_word_problems_are_in_the_dapo_schema(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from math_word_problems import dapo_rows as generated
+    from math_word_problems import write_parquet
+
+    rows = generated(50, 4, seed=0)
+    assert generated(50, 4, seed=0) == rows and len(rows) == 200  # the same seed, the same file
+    first = rows[0]
+    assert set(first) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
+    assert first["data_source"] == "math_dapo" and first["prompt"][0]["role"] == "user"
+    assert first["prompt"][0]["content"].startswith(DAPO_TEMPLATE.split("{problem}")[0])
+    assert first["prompt"][0]["content"].endswith('Remember to put your answer on its own line after "Answer:".')
+    assert all(r["reward_model"]["ground_truth"].isdigit() for r in rows)
+    _, _, stats = math_data(Args(task="math", dataset_name=str(write_parquet(tmp_path / "w.parquet", rows)),
+                                         eval_size=10))  # fmt: skip
+    assert stats["data/train_rows"] + stats["data/eval_rows"] == 50  # duplicates dropped
