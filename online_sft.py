@@ -74,8 +74,8 @@ MATH_MODEL = "Qwen/Qwen2.5-Math-1.5B"
 LOCAL_MATH_COMMAND = (
     "python bench/math_word_problems.py --out data/word_problems.parquet && python online_sft.py --task math "
     "--dataset_name data/word_problems.parquet --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct "
-    "--response_length 128 --num_generations 4 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
-    "--learning_rate 2e-5 --total_episodes 320 --answer_extraction free --format_reward 0.5 --temperature 0.7 "
+    "--response_length 128 --num_generations 4 --per_device_train_batch_size 16 --gradient_accumulation_steps 2 "
+    "--learning_rate 2e-5 --total_episodes 640 --answer_extraction free --format_reward 0.5 --temperature 0.4 "
     "--baseline rloo (--model_name_or_path: the embedded model, or the folder of any model on this machine)"
 )
 TASKS = ("arith", "math", "tldr")

@@ -62,6 +62,7 @@ def tiny(model_dir, tmp_path, **kw) -> Args:
         "run_name": "run",
         "total_episodes": 16,
         "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,  # (math's default is 32)
         "num_generations": 4,
         "response_length": 6,
         "eval_size": 6,

@@ -18,6 +18,7 @@ def run_args(model_dir, out, run_name, **kw) -> Args:
         "run_name": run_name,
         "total_episodes": 32,
         "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,  # (math's default is 32)
         "num_generations": 4,
         "response_length": 6,
         "eval_size": 4,
