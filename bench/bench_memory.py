@@ -151,11 +151,14 @@ def worker(layers: int, response_length: int, out: Path, micro_batch: int):
     t = time.time()
     # The step's first micro-batch, then the update: its other micro-batches free their activations before the next
     # one runs, so they reach the same peak (the gradients and the optimiser state are there for all of them).
-    saved = {}  # what autograd keeps for the backward, counted exactly (each storage once): the activations
+    # What autograd keeps for the backward, counted exactly (each storage once): the activations. Tensors shaped like
+    # a parameter are weights (autocast's bf16 copies, FSDP's gathered ones), held once whatever the batch: left out.
+    saved, weight_shapes = {}, {p.shape for m in (policy, ref) for p in m.parameters()}
 
     def keep(t):
-        storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
+        if t.shape not in weight_shapes:
+            storage = t.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
