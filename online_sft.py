@@ -942,7 +942,13 @@ def sequence_logprobs(
 # Loss
 
 
-def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+def online_sft_loss(
+    s: torch.Tensor,
+    s_ref: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    importance_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-sample Online SFT loss -[w*s + 0.5*stop_grad(w)*s^2], w = (r - beta*(s - s_ref))/s. -> same shape as s.
 
     Written with a = w*s = r - beta*(s - s_ref), since w*s^2 = a*s:  L = -[a + stop_grad(a)*(s - 0.5*stop_grad(s))].
@@ -950,9 +956,14 @@ def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor,
     and finite at s = 0 and for tiny s, where w = a/s overflows and w*s cancels catastrophically.
 
     rewards may have a baseline subtracted (rloo_baseline): one that does not depend on the sample keeps the expected
-    gradient unchanged."""
+    gradient unchanged.
+
+    importance_weight (shaped like s; None: 1) multiplies each sample's loss, as a constant (stop_grad). For samples
+    drawn from another sampler mu, rho = pi(y)/mu(y) = exp(s - s_mu) makes E_mu[rho * grad L] = E_pi[grad L] exactly;
+    a truncated rho trades that for bounded variance."""
     a = rewards - beta * (s - s_ref.detach())
-    return -(a + a.detach() * (s - 0.5 * s.detach()))
+    loss = -(a + a.detach() * (s - 0.5 * s.detach()))
+    return loss if importance_weight is None else importance_weight.detach() * loss
 
 
 def train_on_batch(
