@@ -21,11 +21,11 @@ args = o.Args(use_vllm=True, response_length=32, temperature=1.0)
 folder, origin = o.model_folder(args.model_name_or_path)
 policy, tokenizer, _ = o.load_policy(folder, device)
 eos_ids, pad_id = o.eos_token_ids(policy, tokenizer), tokenizer.pad_token_id
-llm = o.start_vllm(args, folder, rank, max_model_len=1024)
+llm = o.start_vllm(args, folder, policy.config, rank, 1024, 1024 * 16, torch.bfloat16)
 print(f"ok: vLLM engine started on {torch.cuda.get_device_name()} for {origin}")
 
 prompts = [o.render_prompt(tokenizer, f"What is {a} + {a + 1}? Answer with just the number.") for a in range(8)]
-ids, mask = o.vllm_generate(llm, prompts, args, eos_ids, pad_id, greedy=True)
+ids, mask, _ = o.vllm_generate(llm, prompts, args, eos_ids, pad_id, greedy=True)
 texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
 assert ids.shape[0] == 8 and mask.sum() > 0, (ids.shape, mask.sum())
 print(f"ok: vLLM generated {int(mask.sum())} tokens, e.g. {texts[0]!r}")
@@ -47,7 +47,7 @@ try:
     sys.exit("FAIL: the probe check did not notice stale vLLM weights")
 except o.RunAborted as e:
     print(f"ok: stale engine detected: {e}")
-o.push_to_vllm(llm, policy)
+o.push_to_vllm(llm, policy, torch.bfloat16)
 o.check_vllm_sync(llm, policy, probe, args, pad_id)
 print("ok: after push_to_vllm the probe matches again")
 print("all GPU checks passed")
