@@ -148,7 +148,7 @@ class Args:
     vllm_sleep: bool = False
     """free vLLM's GPU memory while training (sleep mode level 1); weights are then pushed before every generation. Refused where vLLM has no sleep mode (its CPU build)"""
     vllm_logprob_tolerance: float = 0.05
-    """after each push, vLLM's mean per-token log-prob of a probe response must match the trainer's within this, else the run stops (measured here: ~1e-6 with --dtype float32, ~0.01 on average in bfloat16)"""
+    """after each push, vLLM's mean per-token log-prob of a probe response must match the trainer's within this, else the run stops (measured on SmolLM2 on this CPU: ~1e-7 in float32; in bfloat16 0.001-0.03 after a push, 0.14-0.5 with a push of one AdamW step at lr 1e-5 missed)"""
     importance_correction: str = "none"
     """none, or is: weigh each sample's loss by stop_grad(pi(y)/mu(y)) = exp(s - s_mu), s_mu being vLLM's log-prob of what it sampled (its kernels and, with --vllm_sync_every > 1, its stale weights make it another policy mu); unbiased for the policy trained. Needs --use_vllm and --top_p 1"""
     is_max_weight: float | None = None
@@ -1267,10 +1267,13 @@ def vllm_generate(llm, prompts: list[list[int]], args: Args, eos_ids: list[int],
     return ids, mask, None if greedy else vllm_sampled_logprobs(outputs, mask)
 
 
-def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int):
+def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int, autocast=None):
     """After a push, vLLM must score a probe response like the trainer does (TRL issue 5312: stale weights after
     sleep mode); else stop rather than train on samples from the wrong policy. Every rank must pass the same sample:
-    under FSDP the trainer's forward is a collective."""
+    under FSDP the trainer's forward is a collective. The trainer scores it in the run's compute dtype (autocast):
+    pushed in bf16, the engine holds the bf16 rounding of the fp32 master weights, as autocast's forward does, and
+    an update smaller than bf16's spacing (AdamW at lr 1e-5) reaches only some of them (measured on SmolLM2: fp32
+    scores then differ by 0.1-0.3 per token after one step, pushed or not)."""
     from vllm import SamplingParams
 
     ids = sample["prompt"] + sample["response"]
@@ -1278,7 +1281,7 @@ def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int):
     out = llm.generate(vllm_requests([ids]), SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     start = len(sample["prompt"])
     theirs = sum(out[0].prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids)))
-    with torch.no_grad():
+    with torch.no_grad(), autocast or nullcontext():
         ours = sequence_logprobs(policy, *(x.to(next(policy.parameters()).device) for x in pack([sample], pad_id)))
     gap = abs(theirs - ours.item()) / max(len(sample["response"]), 1)
     if gap > args.vllm_logprob_tolerance:
@@ -2027,7 +2030,7 @@ def main(args: Args) -> Path:
             # collective, which a rank whose groups were all filtered so far (no probe of its own) must run too.
             probe = next((p for p in gather(last_probe) if p is not None), None)
             if probe:
-                check_vllm_sync(llm, policy, probe, args, pad_id)
+                check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
 
     def vllm_sleep():
         nonlocal engine_asleep
@@ -2306,7 +2309,8 @@ if __name__ == "__main__":
             import torch.distributed as dist
 
             dist.barrier()  # every rank is done with its collectives before any tears the group down
-            dist.destroy_process_group()
+            if not cli_args.use_vllm:  # vLLM's engine destroys it at its own shutdown (0.32/0.33
+                dist.destroy_process_group()  # cleanup_dist_env_and_memory), which fails if it is gone already
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

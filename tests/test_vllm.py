@@ -89,19 +89,21 @@ def test_engine_samples_the_policy_and_a_push_takes(model_dir, tmp_path):
 
 
 def vllm_flags(model_dir, tmp_path, **kw):
-    return cli_flags(
-        model_name_or_path=model_dir,
-        output_dir=tmp_path,
-        dtype="float32",
-        total_episodes=32,
-        per_device_train_batch_size=8,
-        response_length=6,
-        eval_size=8,
-        eval_every=2,
-        learning_rate="1e-3",
-        vllm_logprob_tolerance="1e-3",
-        **kw,
-    )
+    """A few steps of the tiny model with an fp32 engine, which samples the trainer's policy exactly: the probe
+    check can then be strict."""
+    defaults = {
+        "model_name_or_path": model_dir,
+        "output_dir": tmp_path,
+        "dtype": "float32",
+        "total_episodes": 32,
+        "per_device_train_batch_size": 8,
+        "response_length": 6,
+        "eval_size": 8,
+        "eval_every": 2,
+        "learning_rate": "1e-3",
+        "vllm_logprob_tolerance": "1e-3",
+    }
+    return cli_flags(**{**defaults, **kw})
 
 
 def test_main_with_vllm_and_importance_correction(model_dir, tmp_path):
@@ -144,3 +146,34 @@ def test_vllm_sleep_is_refused_where_vllm_cannot_sleep():
     assert result.stderr.strip().splitlines() == [
         "error: --vllm_sleep: vLLM has no sleep mode on this device (cpu); drop the flag"
     ]
+
+
+ONE_RANK_FILTERED = """
+import os
+import tyro
+rank = int(os.environ["RANK"])
+def score_guarded(task, responses, answers, counts, seen):  # rank 0: mixed groups; rank 1: all equal, all dropped
+    return [rank == 0 and i % 2 == 0 for i in range(len(responses))]
+o.score_guarded = score_guarded
+real = o.check_vllm_sync
+def check_vllm_sync(*a, **k):
+    print(f"rank {rank} checked the probe", flush=True)
+    return real(*a, **k)
+o.check_vllm_sync = check_vllm_sync
+o.main(tyro.cli(o.Args))
+print(f"rank {rank} done", flush=True)
+"""
+
+
+def test_probe_check_runs_on_every_rank_when_one_has_no_sample(model_dir, tmp_path):
+    """Issue 12.4: a rank whose groups were all filtered has no probe of its own. The check's trainer forward is an
+    FSDP collective, so it must still run it, on the same probe as the others, or they wait for it forever."""
+    flags = vllm_flags(model_dir, tmp_path, run_name="filtered", per_device_train_batch_size=4, max_filter_retries=1)
+    result = run_script(tmp_path, ONE_RANK_FILTERED, "--use_vllm", "--filter_groups", *flags, launcher=TORCHRUN,
+                        timeout=420)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "rank 0 done" in result.stdout and "rank 1 done" in result.stdout
+    checks = [line for line in result.stdout.splitlines() if "checked the probe" in line]
+    assert checks.count("rank 0 checked the probe") == checks.count("rank 1 checked the probe") >= 3
+    train = [r for r in read_metrics(tmp_path / "filtered") if "train/accuracy" in r]
+    assert len(train) == 4 and all(r["filter/groups_dropped"] >= 2 for r in train)  # rank 1's, every step
