@@ -39,6 +39,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 ENGINE_CHECKS = """
+import types
 import torch
 folder = sys.argv[1]
 args = o.Args(use_vllm=True, response_length=8, model_name_or_path=folder, vllm_logprob_tolerance=1e-3)
@@ -47,6 +48,7 @@ eos, pad = o.eos_token_ids(policy, tokenizer), tokenizer.pad_token_id
 threads = torch.get_num_threads()
 llm = o.start_vllm(args, folder, policy.config, 0, 512, 4096, torch.float32)
 assert torch.get_num_threads() == threads, (threads, torch.get_num_threads())
+assert llm.llm_engine.model_config.dtype == torch.float32  # the run's dtype, not a hard-coded bf16 (issue 12.5)
 
 # 1. it samples, and s_mu is the trainer's own log-prob of what it sampled (fp32 engine: float noise apart)
 prompts = [o.render_prompt(tokenizer, f"What is {a} + 1? Answer with just the number.") for a in range(4)]
@@ -62,7 +64,7 @@ print(f"sampled gap {gap:.2e}")
 # 2. the push streams: one parameter at a time, in the engine's dtype
 weights = o.vllm_weights(policy, torch.bfloat16)
 name, first = next(weights)
-assert not isinstance(weights, (list, tuple)) and first.dtype == torch.bfloat16, (type(weights), first.dtype)
+assert isinstance(weights, types.GeneratorType) and first.dtype == torch.bfloat16, (type(weights), first.dtype)
 
 # 3. a changed policy that was not pushed is caught; pushed, it matches again (tied embedding and LM head included)
 probe = samples[0]
