@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 1 bench/gpu_check.py                 # vLLM engine in-process, push, probe
     torchrun --nproc_per_node 2 online_sft.py --use_vllm --total_episodes 128 --eval_every 2   # end to end, 2 GPUs
 
-Not run on the project's CPU machines (no GPU, and vLLM does not install there). Prints one line per check and
+Not run on the project's CPU machines (no GPU; vLLM's CPU build runs there: tests/test_vllm.py). Prints one line per check and
 exits non-zero on the first failure."""
 
 import sys
