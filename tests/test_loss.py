@@ -79,6 +79,41 @@ def test_expected_gradient_equals_rlhf_gradient(beta):
     assert ((ours - exact).norm() / exact.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_importance_weights_correct_for_samples_from_another_sampler(beta):
+    """Responses drawn from mu (another policy, as vLLM's kernels or stale weights are): sum_y mu(y) rho(y) grad L(y)
+    with rho = exp(s - s_mu) equals the exact RLHF gradient under pi; without rho it does not."""
+    policy, ref, sampler = tiny_policy(0), tiny_policy(1).requires_grad_(False), tiny_policy(5).requires_grad_(False)
+    prompt = [1, 2, 0]
+    responses = all_responses(3)
+    batch = [{"prompt": prompt, "response": r} for r in responses]
+    input_ids, attention_mask, response_mask = pack(batch, pad_id=EOS)
+    rewards = torch.linspace(-1.0, 2.0, len(responses), dtype=torch.float64)[torch.randperm(len(responses))]
+
+    s = sequence_logprobs(policy, input_ids, attention_mask, response_mask)
+    s_ref = sequence_logprobs(ref, input_ids, attention_mask, response_mask)
+    s_mu = sequence_logprobs(sampler, input_ids, attention_mask, response_mask, temperature=2.0)  # full support
+    pi, mu = s.exp(), s_mu.exp()
+    assert mu.sum().item() == pytest.approx(1.0, abs=1e-10) and mu.min().item() > 1e-6
+    assert (pi - mu).abs().sum().item() > 0.5  # a sampler far from the policy, so the weights matter
+
+    params = list(policy.parameters())
+    objective = (pi * (rewards - beta * (s - s_ref))).sum()
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(-objective, params, retain_graph=True)])
+
+    def estimate(importance_weight):
+        loss = (mu * online_sft_loss(s, s_ref, rewards, beta, importance_weight=importance_weight)).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+    # rho keeps its graph here: the loss must treat it as a constant for the gradient to come out exact
+    weighted, unweighted = estimate((s - s_mu).exp()), estimate(None)
+    assert exact.norm() > 1e-3
+    assert ((weighted - exact).norm() / exact.norm()).item() < 1e-5
+    assert ((unweighted - exact).norm() / exact.norm()).item() > 0.1
+    # the default (None) is a weight of 1
+    torch.testing.assert_close(estimate(torch.ones_like(s)), unweighted, rtol=0, atol=0)
+
+
 def test_loss_value_matches_the_formula():
     s = torch.tensor([-3.0, -0.5, -12.0], dtype=torch.float64)
     s_ref = torch.tensor([-2.0, -0.7, -11.0], dtype=torch.float64)

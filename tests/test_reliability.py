@@ -207,10 +207,10 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_model_dir, tmp_pa
     poisoned = {"steps": {1}}
     calls = {"n": 0}
 
-    def loss(s, s_ref, rewards, beta):
+    def loss(s, s_ref, rewards, beta, **kw):
         calls["n"] += 1
         step = (calls["n"] - 1) // 2 + 1  # two micro-batches per step
-        return real(s, s_ref, rewards, beta) * (float("nan") if step in poisoned["steps"] else 1.0)
+        return real(s, s_ref, rewards, beta, **kw) * (float("nan") if step in poisoned["steps"] else 1.0)
 
     monkeypatch.setattr(online_sft, "online_sft_loss", loss)
     run_dir = main(run_args(tiny_model_dir, tmp_path, "nan", total_episodes=16, learning_rate=0.0 + 1e-3))
