@@ -119,18 +119,18 @@ if args.use_vllm:
     ids, mask, _ = o.vllm_generate(llm, prompts, args, eos_ids, pad_id, greedy=True)
     probe = {"prompt": prompts[0], "response": ids[0, : int(mask[0].sum())].tolist()}
     o.push_to_vllm(llm, policy, dtype)
-    gap = o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
+    gap = o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast, dtype)
     ok(f"vLLM generated {int(mask.sum())} tokens; after a push its probe log-prob is {gap:.4f}/token off the trainer's")
     with torch.no_grad():  # a large change, so that a stale engine is far off
         for p in policy.parameters():
             p.mul_(0.9)
     try:
-        o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
+        o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast, dtype)
         fail("the probe check did not notice stale vLLM weights")
     except o.RunAborted as e:
         ok(f"stale engine detected: {e}")
     o.push_to_vllm(llm, policy, dtype)
-    o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast)
+    o.check_vllm_sync(llm, policy, probe, args, pad_id, autocast, dtype)
     ok("after push_to_vllm the probe matches again")
 if rank == 0:
     print("all GPU checks passed")
