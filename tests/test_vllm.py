@@ -154,7 +154,7 @@ ONE_RANK_FILTERED = """
 import os
 import tyro
 rank = int(os.environ["RANK"])
-def score_guarded(task, responses, answers, counts, seen):  # rank 0: mixed groups; rank 1: all equal, all dropped
+def score_guarded(task, responses, answers, counts, seen, *rest):  # rank 0: mixed groups; rank 1: all equal
     return [rank == 0 and i % 2 == 0 for i in range(len(responses))]
 o.score_guarded = score_guarded
 real = o.check_vllm_sync
