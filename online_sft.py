@@ -1482,6 +1482,22 @@ def vllm_generate(llm, prompts: list[list[int]], args: Args, eos_ids: list[int],
     return ids, mask, None if greedy else vllm_sampled_logprobs(outputs, mask)
 
 
+def sampler_gap_metrics(s: torch.Tensor, s_mu: torch.Tensor, lengths: torch.Tensor, args: Args) -> dict:
+    """How far vLLM's sampler mu is from the policy trained, over a step's samples (B,): the per-token gap between
+    log pi and log mu of each response, and the importance weights pi/mu (with the share above --is_max_weight)."""
+    log_ratio = (s * lengths.clamp(min=1) if args.normalize_logprob_by_length else s) - s_mu
+    gap, rho = log_ratio.abs() / lengths.clamp(min=1), log_ratio.exp()
+    metrics = {
+        "vllm/logprob_gap_mean": gap.mean().item(),
+        "vllm/logprob_gap_max": gap.max().item(),
+        "vllm/is_weight_mean": rho.mean().item(),
+        "vllm/is_weight_max": rho.max().item(),
+    }
+    if args.is_max_weight is not None:
+        metrics["vllm/is_weight_truncated"] = (rho > args.is_max_weight).float().mean().item()
+    return metrics
+
+
 def check_vllm_sync(llm, policy, sample: dict, args: Args, pad_id: int, autocast=None, dtype=torch.float32):
     """After a push, vLLM must score a probe response like the trainer does (TRL issue 5312: stale weights after
     sleep mode); else stop rather than train on samples from the wrong policy. Every rank must pass the same sample:
@@ -2826,18 +2842,9 @@ def main(args: Args) -> Path:
                 "perf/train_tokens": sum(p[3] for p in parts),
                 "perf/train_tokens_per_s": sum(p[3] for p in parts) / max(timings["train"], 1e-9),
             }
-            if llm:  # how far the sampler mu is from the policy trained: per token, and as importance weights
+            if llm:  # how far the sampler mu is from the policy trained
                 s_mu = torch.tensor([v for p in gather([x["s_mu"] for x in batch]) for v in p])
-                log_ratio = (s * lengths.clamp(min=1) if args.normalize_logprob_by_length else s) - s_mu
-                gap, rho = log_ratio.abs() / lengths.clamp(min=1), log_ratio.exp()
-                metrics |= {
-                    "vllm/logprob_gap_mean": gap.mean().item(),
-                    "vllm/logprob_gap_max": gap.max().item(),
-                    "vllm/is_weight_mean": rho.mean().item(),
-                    "vllm/is_weight_max": rho.max().item(),
-                }
-                if args.is_max_weight is not None:
-                    metrics["vllm/is_weight_truncated"] = (rho > args.is_max_weight).float().mean().item()
+                metrics |= sampler_gap_metrics(s, s_mu, lengths, args)
         all_counts = gather(counts)
         counts = {k: sum(c.get(k, 0) for c in all_counts) for c in all_counts for k in c}
         signal = StepSignal.merge(gather(signal_stats))
