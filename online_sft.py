@@ -1166,7 +1166,9 @@ def online_sft_loss(
     beta: float,
     importance_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample Online SFT loss -[w*s + 0.5*stop_grad(w)*s^2], w = (r - beta*(s - s_ref))/s. -> same shape as s.
+    """Per-sample Online SFT loss -[w*s + 0.5*stop_grad(w)*s^2], w = (r - beta*(s - s_ref))/s (the seed's
+    Proposition 3: in expectation its gradient is the KL-regularised RLHF gradient). -> same shape as s. Change the
+    per-sample weight here (tests/test_loss.py enumerates every response of a tiny policy to check the gradient).
 
     Written with a = w*s = r - beta*(s - s_ref), since w*s^2 = a*s:  L = -[a + stop_grad(a)*(s - 0.5*stop_grad(s))].
     Same value, and gradient -(a - beta)*grad s = -(r - beta*KL - beta)*grad s, with no division by s: it stays exact
@@ -1891,8 +1893,12 @@ def freeze_reference(ref, dtype: torch.dtype, world: int):
 
 
 def enable_gradient_checkpointing(model):
-    # deprecated in transformers 5.24 for activation_checkpointing_enable, which 5.20 (vLLM's pin) lacks
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.24 renamed gradient_checkpointing_enable (deprecated, warns) to activation_checkpointing_enable,
+    # which 5.19 (vLLM's pin) lacks; the same checkpointing either way
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers checkpoints a layer only while that layer is in training mode: flag the layers alone, so that
     # dropout (in their submodules) stays off and the log-probs stay those of the policy we sample from.
     for layer in decoder_layers(model):
@@ -2644,7 +2650,7 @@ class Reward:
     - tldr: the reward model's score (tldr_rewards); arith/math: correct_reward or incorrect_reward by the checker
       (score_guarded: a checker that raises costs only its own sample, and is counted; more than
       --max_reward_error_fraction of a round stop the run), plus --format_reward for a response in the answer format.
-    - --apply_overlong_penalty: DAPO's soft overlong punishment (Yu et al. 2025, eq. 13)."""
+    - --apply_overlong_penalty: DAPO's soft overlong punishment (Yu et al. 2025, section 3.4, eq. 13)."""
 
     def __init__(self, args: Args, tokenizer, reward_model, eos_ids: list[int]):
         self.args, self.tokenizer, self.reward_model, self.eos_ids = args, tokenizer, reward_model, eos_ids
@@ -2684,10 +2690,9 @@ class Reward:
 def keep_groups(args: Args, prompts, responses, rewards, correct, batch: list, room: int, counts: dict):
     """4. filter. Turns a round's responses (ids, mask (B, R), s_mu (B,) or None; in groups of num_generations) into
     samples {prompt, response token lists, reward, baseline, correct, s_mu} and appends whole groups to batch while it
-    holds fewer than `room`. With
-    --filter_groups a group whose rewards are all equal is dropped: DAPO's dynamic sampling (Yu et al. 2025, eq. 11),
-    since such a group has no contrast. -> the round's last group: what a rank with nothing kept trains on with zero
-    weight (see train_on_batch)."""
+    holds fewer than `room`. With --filter_groups a group whose rewards are all equal is dropped: DAPO's dynamic
+    sampling (Yu et al. 2025, section 3.2), since such a group has no contrast. -> the round's last group: what a rank
+    with nothing kept trains on with zero weight (see train_on_batch)."""
     # --baseline rloo: Kool et al. 2019's leave-one-out baseline; the expected gradient stays exact (rloo_baseline)
     baselines = rloo_baseline(rewards, args.num_generations) if args.baseline == "rloo" else torch.zeros_like(rewards)
     response_ids, response_mask, s_mu = responses

@@ -371,9 +371,12 @@ def child_trl(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
 
 def long_kw(b: argparse.Namespace, data: Path) -> dict:
     """The long-response memory setting: one step of long_prompts x num_generations, one micro-batch."""
+    import online_sft
+
     n = b.long_prompts * b.num_generations
     return {
         "task": "math",
+        "model_name_or_path": online_sft.EMBEDDED_MODEL,  # the demo's model (the math task's default is a GPU's)
         "dataset_name": str(data),
         "eval_size": 1,  # online_sft's own greedy evals before and after: kept short
         "response_length": b.long_response_length,
