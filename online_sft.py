@@ -329,22 +329,10 @@ def validate_args(args: Args, world: int = 1) -> dict:
     if args.task not in TASKS:
         raise ConfigError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
     args = with_task_defaults(args)  # main() passes them filled in already; here for callers that do not
-    positive = [
-        "keep_checkpoints",
-        "response_length",
-        "num_generations",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "total_episodes",
-        "eval_every",
-        "eval_batch_size",
-        "eval_size",
-        "arith_digits",
-        "max_prompt_length",
-        "reward_batch_size",
-        "logprob_chunk_size",
-    ]
-    for name in positive:
+    positive = """keep_checkpoints response_length num_generations per_device_train_batch_size gradient_accumulation_steps
+        total_episodes eval_every eval_batch_size eval_size arith_digits max_prompt_length reward_batch_size
+        logprob_chunk_size"""
+    for name in positive.split():
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
     if args.temperature <= 0:
@@ -2918,8 +2906,8 @@ def main(args: Args) -> Path:
     dtype = resolve_dtype(args.dtype, device)
     # In one process autocast does mixed precision; under FSDP its MixedPrecisionPolicy does.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world == 1 else nullcontext()
-    t0 = time.time()
     reward_model = load_reward_model(args, policy_tokenizer, eval_rows, device, autocast)  # first: it fails faster
+    t0 = time.time()
     policy, ref, tokenizer, origin, max_prompt_tokens = load_run_models(args, given, checkpoint, device, dtype, world)
     eos_ids, pad_id = eos_token_ids(policy, tokenizer), tokenizer.pad_token_id
     eval_rows = usable_eval_rows(eval_rows, tokenizer, max_prompt_tokens, data_stats, args)
@@ -2951,45 +2939,17 @@ def main(args: Args) -> Path:
     )
     guard = SignalGuard(args)
     reward = Reward(args, tokenizer, reward_model, eos_ids)
-    train = functools.partial(
-        train_step,
-        policy,
-        ref,
-        optimizer,
-        scheduler,
-        args=args,
-        pad_id=pad_id,
-        world=world,
-        autocast=autocast,
-        rank=rank,
-    )
-    evaluate_now = functools.partial(
-        run_eval,
-        sample=sample,
-        args=args,
-        models=(policy, ref, reward_model),
-        tokenizer=tokenizer,
-        eval_rows=eval_rows,
-        eos_ids=eos_ids,
-        log=log,
-        run_dir=run_dir,
-        rank=rank,
-        world=world,
-        autocast=autocast,
-    )
-    checkpoint_now = functools.partial(
-        save_run_checkpoint,
-        run_dir=run_dir,
-        policy=policy,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        prompt_source=prompt_source,
-        tokenizer=tokenizer,
-        guard=guard,
-        args=args,
-        rank=rank,
-        world=world,
-    )
+    # the phases that need the run's fixed parts, bound to them once (fmt: one argument per line would hide the loop)
+    # fmt: off
+    train = functools.partial(train_step, policy, ref, optimizer, scheduler, args=args, pad_id=pad_id, world=world,
+                              autocast=autocast, rank=rank)
+    evaluate_now = functools.partial(run_eval, sample=sample, args=args, models=(policy, ref, reward_model),
+                                     tokenizer=tokenizer, eval_rows=eval_rows, eos_ids=eos_ids, log=log,
+                                     run_dir=run_dir, rank=rank, world=world, autocast=autocast)
+    checkpoint_now = functools.partial(save_run_checkpoint, run_dir=run_dir, policy=policy, optimizer=optimizer,
+                                       scheduler=scheduler, prompt_source=prompt_source, tokenizer=tokenizer,
+                                       guard=guard, args=args, rank=rank, world=world)
+    # fmt: on
     if state:
         progress = restore(state, checkpoint, policy, optimizer, scheduler, prompt_source, guard, rank, world)
     else:
