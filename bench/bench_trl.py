@@ -524,6 +524,10 @@ def main():
         f"{b.temperature}\nresp: mean response length (tokens)\n"
         f"GFLOP/s: training phase, (6 + 2) x {num_params / 1e6:.1f}M parameters x tokens run, over its time\n"
     )
+    for name in ("ours_long", "trl_long"):  # the first step pays the warm-up; the short setting's median hides it
+        if r := results.get(name):
+            shares = ", ".join(f"{f / t / peak:.1%}" for f, t in zip(r["train_flops"], r["time_train"]))
+            print(f"{runs[name]}, training phase's share of the peak, step by step: {shares}")
 
     ours, trl, rloo = results.get("ours"), results.get("trl"), results.get("rloo")
     if ours and trl:
