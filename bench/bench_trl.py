@@ -74,8 +74,7 @@ def parse() -> argparse.Namespace:
         "--long_steps",
         type=int,
         default=4,
-        help="optimiser steps of the long setting: its figures are medians over them, as the short setting's are (one "
-        "step alone is the first, which pays the kernels' and allocator's warm-up and the optimiser state's creation)",
+        help="optimiser steps of the long setting: its figures are medians over them, as the short setting's are",
     )
     p.add_argument(
         "--trl_gradient_checkpointing",
@@ -140,8 +139,8 @@ def heldout_accuracy(args, model, tokenizer, eval_rows, samples: int = 8) -> tup
 
     eos = online_sft.eos_token_ids(model, tokenizer)
 
-    def sample(prompts, greedy, num_samples=1):
-        return online_sft.generate(
+    def sample(prompts, greedy, num_samples=1):  # as online_sft's PolicySampler: ids, mask and s_mu (None: exact)
+        return *online_sft.generate(
             model,
             prompts,
             num_samples=num_samples,
@@ -152,7 +151,7 @@ def heldout_accuracy(args, model, tokenizer, eval_rows, samples: int = 8) -> tup
             top_p=1.0,
             greedy=greedy,
             autocast=nullcontext(),
-        )
+        ), None
 
     metrics, _ = online_sft.evaluate(args, sample, tokenizer, eval_rows, rank=0, world=1)
     torch.manual_seed(0)
@@ -160,7 +159,7 @@ def heldout_accuracy(args, model, tokenizer, eval_rows, samples: int = 8) -> tup
     for i in range(0, len(eval_rows), args.eval_batch_size):
         rows = eval_rows[i : i + args.eval_batch_size]
         prompts = [online_sft.render_prompt(tokenizer, r["content"]) for r in rows]
-        ids, _ = sample(prompts, greedy=False, num_samples=samples)
+        ids, _, _ = sample(prompts, greedy=False, num_samples=samples)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         correct += online_sft.score(args.task, texts, [r["answer"] for r in rows for _ in range(samples)])[0]
     return metrics["eval/accuracy"], sum(correct) / len(correct)
@@ -524,7 +523,7 @@ def main():
         f"{b.temperature}\nresp: mean response length (tokens)\n"
         f"GFLOP/s: training phase, (6 + 2) x {num_params / 1e6:.1f}M parameters x tokens run, over its time\n"
     )
-    for name in ("ours_long", "trl_long"):  # the first step pays the warm-up; the short setting's median hides it
+    for name in ("ours_long", "trl_long"):  # a few steps of uneven lengths: the spread says how far a median goes
         if r := results.get(name):
             shares = ", ".join(f"{f / t / peak:.1%}" for f, t in zip(r["train_flops"], r["time_train"]))
             print(f"{runs[name]}, training phase's share of the peak, step by step: {shares}")
