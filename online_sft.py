@@ -2632,7 +2632,7 @@ def restore(state: dict, checkpoint: Path, policy, optimizer, scheduler, prompt_
 
 
 class Reward:
-    """3. score: reward(rows, prompts, response_ids, response_mask, counts) -> reward (B,) and correct (B,; NaN for
+    """3. score: reward(rows, prompts, response_ids, response_mask, counts, step) -> reward (B,) and correct (B,; NaN for
     tldr, which has no right answer), from rows (one per group) and prompts, ids and mask (one per response, B).
     Change the reward here.
     - tldr: the reward model's score (tldr_rewards); arith/math: correct_reward or incorrect_reward by the checker
@@ -2644,7 +2644,7 @@ class Reward:
         self.args, self.tokenizer, self.reward_model, self.eos_ids = args, tokenizer, reward_model, eos_ids
         self.errors_seen: set[str] = set()  # reward error types already printed
 
-    def __call__(self, rows, prompts, response_ids, response_mask, counts) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, rows, prompts, response_ids, response_mask, counts, step) -> tuple[torch.Tensor, torch.Tensor]:
         args = self.args
         if args.task == "tldr":
             rewards, _, c = tldr_rewards(args, self.reward_model, prompts, response_ids, response_mask, self.eos_ids)
@@ -2659,8 +2659,8 @@ class Reward:
             failed = counts.get("errors/reward_total", 0) - errors_before
             if failed > args.max_reward_error_fraction * len(texts):
                 raise RunAborted(
-                    f"{failed} of {len(texts)} reward calls raised (more than --max_reward_error_fraction "
-                    f"{args.max_reward_error_fraction}); the errors are listed above"
+                    f"step {step}: {failed} of {len(texts)} reward calls raised (more than "
+                    f"--max_reward_error_fraction {args.max_reward_error_fraction}); the errors are listed above"
                 )
             correct = torch.tensor(correct, dtype=torch.float32)
             rewards = torch.where(correct.bool(), args.correct_reward, args.incorrect_reward)
@@ -2911,8 +2911,8 @@ def main(args: Args) -> Path:
     policy, ref, tokenizer, origin, max_prompt_tokens = load_run_models(args, given, checkpoint, device, dtype, world)
     eos_ids, pad_id = eos_token_ids(policy, tokenizer), tokenizer.pad_token_id
     eval_rows = usable_eval_rows(eval_rows, tokenizer, max_prompt_tokens, data_stats, args)
-    rows = max(derived["rank_episodes"], args.eval_batch_size)  # the most responses one generate call asks for
-    llm = vllm_engine(args, checkpoint, policy, tokenizer, eval_rows, max_prompt_tokens, rows, rank, dtype)
+    call_rows = max(derived["rank_episodes"], args.eval_batch_size)  # the most responses one generate call asks for
+    llm = vllm_engine(args, checkpoint, policy, tokenizer, eval_rows, max_prompt_tokens, call_rows, rank, dtype)
     start_step = state["step"] if state else 0
     sample = PolicySampler(args, policy, llm, pad_id, eos_ids, autocast, dtype, world, engine_step=start_step)
     run_dir = run_folder(args, checkpoint)
@@ -2980,7 +2980,7 @@ def main(args: Args) -> Path:
             counts["filter/generation_rounds"] = counts.get("filter/generation_rounds", 0) + 1
             # 3. score
             t = time.time()
-            rewards, correct = reward(rows, prompts, response_ids, response_mask, counts)
+            rewards, correct = reward(rows, prompts, response_ids, response_mask, counts, step)
             timings["score"] += time.time() - t
             truncated = ~ends_with_eos(response_ids, response_mask, eos_ids)
             signal_stats.add(rewards, correct, truncated, args.num_generations)

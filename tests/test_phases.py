@@ -32,7 +32,7 @@ def test_reward_scores_format_and_overlong_in_one_place():
     reward = Reward(args, Tok(), None, eos_ids=[0])
     counts = {}
     ids, mask = torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
-    rewards, correct = reward([{"answer": "12"}], [[1], [1]], ids, mask, counts)
+    rewards, correct = reward([{"answer": "12"}], [[1], [1]], ids, mask, counts, step=1)
     assert correct.tolist() == [1.0, 0.0]
     # the second response fills response_length: DAPO's penalty at its full factor
     assert rewards.tolist() == [args.correct_reward, args.incorrect_reward - 1.0]
