@@ -189,6 +189,40 @@ def matmul_flops_per_s(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> 
     return best
 
 
+def linear_ceiling(config, tokens: int, dtype_name: str) -> float:
+    """FLOP/s of one decoder layer's linear layers alone (q, k, v, o and the gated MLP: forward, input gradient and
+    weight gradient) on a micro-batch of `tokens` rows. Nearly all of a training step's (6 + 2) x parameters x tokens
+    are these matmuls, so this is what its training phase would reach if attention, norms, casts and the optimiser
+    took no time: its ceiling on this machine at this model's shapes, below the square 2048 matmul's peak."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    hidden, mlp = config.hidden_size, config.intermediate_size
+    kv = hidden * config.num_key_value_heads // config.num_attention_heads
+    shapes = [
+        (hidden, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, hidden),
+        (mlp, hidden),
+        (mlp, hidden),
+        (hidden, mlp),
+    ]
+    weights = [torch.randn(out, inp, dtype=dtype) for out, inp in shapes]
+    inputs = {n: torch.randn(tokens, n, dtype=dtype) for n in (hidden, mlp)}
+    grads = {n: torch.randn(tokens, n, dtype=dtype) for n in (hidden, kv, mlp)}
+
+    def layer() -> float:
+        t = time.perf_counter()
+        for w in weights:
+            x, g = inputs[w.shape[1]], grads[w.shape[0]]
+            x @ w.t(), g @ w, g.t() @ x
+        return time.perf_counter() - t
+
+    layer()  # warm-up
+    return sum(6 * tokens * out * inp for out, inp in shapes) / min(layer() for _ in range(5))
+
+
 class Turns:
     """Runs that take turns, one optimiser step each, so that other load on a shared machine falls on all of them
     alike: run i computes only while it holds its turn (from its start to the end of its step, then from the end of
@@ -255,6 +289,8 @@ def child_ours(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
         # the tokens the policy ran (each shared prompt once), and the reference the same
         "train_flops": [training_flops(num_params, r["perf/train_tokens"], r["perf/train_tokens"]) for r in steps],
         "response_length": statistics.mean(r["train/response_length"] for r in steps),
+        "micro_batch_tokens": statistics.median(r["perf/train_tokens"] for r in steps)
+        / args.gradient_accumulation_steps,
         "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else [float("nan")] * 2,
         "accuracy_own_eval": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
         "wall_s": wall,
@@ -369,6 +405,7 @@ def child_trl(b: argparse.Namespace, turns: Turns, me: int, **kw) -> dict:
         "time_step": step_times,
         "train_flops": [training_flops(num_params, per_step_tokens, per_step_tokens)] * len(step_times),
         "response_length": statistics.mean(completion_lengths) if completion_lengths else float("nan"),
+        "micro_batch_tokens": per_step_tokens / args.gradient_accumulation_steps,
         "accuracy": heldout_accuracy(args, model, tokenizer, eval_rows) if args.task == "arith" else [float("nan")] * 2,
         "wall_s": wall,
         "peak_rss_mb": peak_mb,
@@ -473,7 +510,7 @@ def main():
     model, tokenizer, _ = online_sft.load_policy(base.model_name_or_path, torch.device("cpu"))
     eval_rows, _ = prompt_rows(base, 0)
     accuracy_before, sampled_before = heldout_accuracy(base, model, tokenizer, eval_rows)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params, config = sum(p.numel() for p in model.parameters()), model.config
     del model
     print(
         f"work: arith, {b.steps} steps x {b.prompts_per_step} prompts x {b.num_generations} generations "
@@ -501,7 +538,7 @@ def main():
 
     print(
         f"\n{'':<27}{'s/step':>7}{'gen':>7}{'score':>7}{'train':>7}{'ep/s':>7}{'peak MB':>9}{'acc':>7}{'sampled':>8}"
-        f"{'GFLOP/s':>9}{'of peak':>8}{'resp':>6}"
+        f"{'GFLOP/s':>9}{'of peak':>8}{'ceiling':>8}{'of ceil':>8}{'resp':>6}"
     )
     for name, label in runs.items():
         r = results.get(name)
@@ -510,11 +547,13 @@ def main():
         med = statistics.median
         r["ep/s"] = r["episodes"] / sum(r["time_step"])
         r["flop/s"] = sum(r["train_flops"]) / sum(r["time_train"])
+        r["ceiling"] = linear_ceiling(config, round(r["micro_batch_tokens"]), dtype)
         greedy, sampled = ("" if math.isnan(a) else f"{a:.3f}" for a in r["accuracy"])  # NaN: not evaluated
         print(
             f"{label:<27}{med(r['time_step']):7.2f}{med(r['time_generate']):7.2f}{med(r['time_score']):7.2f}"
             f"{med(r['time_train']):7.2f}{r['ep/s']:7.2f}{r['peak_rss_mb']:9.0f}{greedy:>7}{sampled:>8}"
-            f"{r['flop/s'] / 1e9:9.1f}{r['flop/s'] / peak:8.1%}{r['response_length']:6.1f}"
+            f"{r['flop/s'] / 1e9:9.1f}{r['flop/s'] / peak:8.1%}{r['ceiling'] / peak:8.1%}{r['flop/s'] / r['ceiling']:8.1%}"
+            f"{r['response_length']:6.1f}"
         )
     print(
         "s/step, gen, score, train: median seconds per step (generation / scoring / the rest of the step)\n"
@@ -522,11 +561,17 @@ def main():
         "acc: held-out greedy accuracy after the run; sampled: the same questions, 8 samples each at temperature "
         f"{b.temperature}\nresp: mean response length (tokens)\n"
         f"GFLOP/s: training phase, (6 + 2) x {num_params / 1e6:.1f}M parameters x tokens run, over its time\n"
+        "ceiling: a decoder layer's linear layers alone, forward and backward, at the run's tokens per micro-batch, "
+        "as a share of the peak\n(the most the training phase could reach at this model's shapes); of ceil: the "
+        "training phase's FLOP/s as a share of that\n"
     )
     for name in ("ours_long", "trl_long"):  # a few steps of uneven lengths: the spread says how far a median goes
         if r := results.get(name):
             shares = ", ".join(f"{f / t / peak:.1%}" for f, t in zip(r["train_flops"], r["time_train"]))
             print(f"{runs[name]}, training phase's share of the peak, step by step: {shares}")
+    if results.get("ours") and results.get("ours_long"):
+        short, long = (results[n]["flop/s"] / results[n]["ceiling"] for n in ("ours", "ours_long"))
+        print(f"online_sft, share of the ceiling: long {long:.1%} / short {short:.1%} = {long / short:.2f}")
 
     ours, trl, rloo = results.get("ours"), results.get("trl"), results.get("rloo")
     if ours and trl:
