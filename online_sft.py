@@ -1004,17 +1004,12 @@ def short_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     CPU flash kernel has a large fixed cost: at 8 x 113 tokens its backward takes ~15 ms a layer against ~3 ms for
     the matmuls, and the training log-probs' packed groups are about that size. The matmuls keep the scores for the
     backward (6 bytes each, so at most ~12 MB a layer); longer sequences go to SDPA, which keeps none.
-    query (B, H, T, D), key and value (B, Hkv, S, D), attention_mask (B, 1, T, S) bool (True: may attend) or None
-    (causal).
+    query (B, H, T, D), key and value (B, Hkv, S, D), attention_mask (B, 1, T, S) bool (True: may attend) or None.
     -> (B, T, H, D), None, as transformers' attention functions return."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, heads, t, d = query.shape
     kv_heads, s = key.shape[1:3]
-    causal = kwargs.get("is_causal")
-    if attention_mask is None and t == s and (getattr(module, "is_causal", True) if causal is None else causal):
-        # no mask and no cache: unpadded causal rows (sequence_logprobs' rows), as SDPA's is_causal would run them
-        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril()[None, None]
     plain = attention_mask is not None and attention_mask.dtype == torch.bool and not dropout
     if not plain or b * heads * t * s > SHORT_ATTENTION_SCORES:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -1072,21 +1067,6 @@ def pack_groups(
     return ids.to(device), positions.to(device), mask[:, None].to(device), torch.tensor(predictors, device=device)
 
 
-def compact_rows(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's real tokens (attention_mask 1) moved to its start, in order, and the padding to its end. Causal
-    attention keeps every real token from seeing padding that comes after it, so the rows need no mask: SDPA then
-    runs its causal kernel, which skips the (query, key) blocks above the diagonal, where a padding mask makes it
-    compute every block. -> ids (B, L), and for each response token in the input's row-major order, the flat index
-    into (B, L) of the position that predicts it (N,)."""
-    order = torch.sort(1 - attention_mask.long(), dim=1, stable=True).indices  # real columns first, in order
-    width = int(attention_mask.sum(1).max())
-    ids = input_ids.gather(1, order[:, :width])
-    responses = response_mask.gather(1, order[:, :width]).bool()
-    return ids, responses.flatten().nonzero().squeeze(1) - 1  # token t is predicted by the token before it
-
-
 def packing_pays(
     attention_mask: torch.Tensor, response_mask: torch.Tensor, start: int, group_size: int, config
 ) -> bool:
@@ -1123,8 +1103,8 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """s = sum of log pi(token) over the tokens where response_mask is 1, in fp32. -> (B,).
 
-    Works for any padding layout: each row's real tokens run as one unpadded causal sequence (compact_rows), so a
-    left-padded and a right-padded copy of a sequence give the same s. Only response positions go through the LM head, chunk_size at a time.
+    Works for any padding layout: positions count only non-padding tokens, so a left-padded and a right-padded copy
+    of a sequence give the same s. Only response positions go through the LM head, chunk_size at a time.
     group_size > 1 needs pack()'s layout with rows in runs of group_size sharing a prompt (the samples of one
     prompt): each run then goes through the model as one sequence, its prompt once (pack_groups). A group costs one
     prompt plus its responses instead of group_size prompts, all in one pass, and the padding is the spread of the
@@ -1137,6 +1117,7 @@ def sequence_logprobs(
         if not torch.is_grad_enabled():  # FSDP2 keeps the root gathered until a backward: with none coming (the
             model.reshard()  # reference, evals), drop the gathered embeddings and LM head now
         return s
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = int(response_mask.any(0).int().argmax())  # first column holding a response token
     if model.config._attn_implementation not in ("sdpa_short", "sdpa", "eager"):
         group_size = 1  # the others (flash-attention, flex) take no dense (query, key) mask
@@ -1148,8 +1129,9 @@ def sequence_logprobs(
     targets = input_ids[:, start:][mask]
     with autocast or nullcontext():
         if group_size == 1:
-            ids, predictors = compact_rows(input_ids, attention_mask, response_mask)
-            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state.flatten(0, 1)[predictors]
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state[:, start - 1 : -1][mask]  # hidden[:, j] predicts input_ids[:, start + j]
         else:
             ids, positions, visible, predictors = pack_groups(
                 input_ids, attention_mask, response_mask, start, group_size

@@ -306,8 +306,8 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(attention):
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_short_attention_gives_sdpa_logprobs_and_gradients(group_size, monkeypatch):
     """short_attention (plain matmuls for a small layer) against SDPA: same s and gradient, with grouped-query heads,
-    on rows (compact_rows: no mask, so it builds the causal one) and on packed groups (whose pads attend only to
-    themselves); above its size limit it hands the layer to SDPA."""
+    on left-padded rows (whose pads have nothing to attend to: they must not turn into NaN) and on packed groups;
+    above its size limit it hands the layer to SDPA."""
     import transformers.integrations.sdpa_attention as sdpa_module
 
     calls, sdpa = [], sdpa_module.sdpa_attention_forward
