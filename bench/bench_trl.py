@@ -18,7 +18,8 @@ then --baseline rloo, then the long-response setting of each. It prints:
 1. the machine's matmul FLOP/s (a plain torch matmul in the training dtype);
 2. per trainer: seconds per step split into generation / scoring / training (median over steps), episodes per
    second, peak resident memory, held-out greedy accuracy after the run (the same 50 held-out questions, evaluated
-   by the same code in fp32 for every model), and the training phase's achieved FLOP/s as a fraction of the peak;
+   by the same code in fp32 for every model), and the training phase's achieved FLOP/s as a fraction of the peak
+   and of its ceiling (the model's own linear layers alone at the run's micro-batch: linear_ceiling);
 3. online_sft with --baseline rloo, at the same number of episodes;
 4. the same figures for a long-response setting (math word problems asking for step-by-step answers);
 5. the ratios ours / TRL's.
