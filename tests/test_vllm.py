@@ -175,7 +175,8 @@ def test_probe_check_runs_on_every_rank_when_one_has_no_sample(model_dir, tmp_pa
                         timeout=420)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "rank 0 done" in result.stdout and "rank 1 done" in result.stdout
-    checks = [line for line in result.stdout.splitlines() if "checked the probe" in line]
-    assert checks.count("rank 0 checked the probe") == checks.count("rank 1 checked the probe") >= 3
+    # Counted in the whole stream, not per line: the two ranks share one pipe, and their lines can run together.
+    checks = [result.stdout.count(f"rank {rank} checked the probe") for rank in (0, 1)]
+    assert checks[0] == checks[1] >= 3, result.stdout[-2000:]
     train = [r for r in read_metrics(tmp_path / "filtered") if "train/accuracy" in r]
     assert len(train) == 4 and all(r["filter/groups_dropped"] >= 2 for r in train)  # rank 1's, every step
