@@ -175,19 +175,26 @@ def training_flops(num_params: int, policy_tokens: int, ref_tokens: int) -> floa
     return 6 * num_params * policy_tokens + 2 * num_params * ref_tokens
 
 
-def matmul_flops_per_s(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
+def best_rate(work, flops: float, seconds: float = 3.0) -> float:
+    """FLOP/s of the fastest of repeated calls of work() over `seconds` (after one warm-up call): the rate the machine
+    gives that work when nothing else holds it up. The peak and the ceiling are both taken this way, so that a busy
+    moment lowers neither more than the other."""
+    work()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        work()
+        best = max(best, flops / (time.perf_counter() - t))
+    return best
+
+
+def matmul_flops_per_s(dtype_name: str, n: int = 2048) -> float:
     """Best of repeated n x n x n matmuls: the machine's dense-matmul rate for this dtype."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+    return best_rate(lambda: a @ b, 2 * n**3)
 
 
 def linear_ceiling(config, tokens: int, dtype_name: str) -> float:
@@ -213,15 +220,12 @@ def linear_ceiling(config, tokens: int, dtype_name: str) -> float:
     inputs = {n: torch.randn(tokens, n, dtype=dtype) for n in (hidden, mlp)}
     grads = {n: torch.randn(tokens, n, dtype=dtype) for n in (hidden, kv, mlp)}
 
-    def layer() -> float:
-        t = time.perf_counter()
+    def layer():
         for w in weights:
             x, g = inputs[w.shape[1]], grads[w.shape[0]]
             x @ w.t(), g @ w, g.t() @ x
-        return time.perf_counter() - t
 
-    layer()  # warm-up
-    return sum(6 * tokens * out * inp for out, inp in shapes) / min(layer() for _ in range(5))
+    return best_rate(layer, sum(6 * tokens * out * inp for out, inp in shapes))
 
 
 class Turns:
